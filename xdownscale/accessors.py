@@ -1,0 +1,121 @@
+"""The ``.downscale`` accessor on :class:`xarray.DataArray`.
+
+Accessor methods only forward to the functional API (``xdownscale.regrid``, ``xdownscale.downscale``,
+...): they validate nothing themselves, cache nothing on the accessor and do no work at construction.
+Heavy modules (torch, the regridders) are imported inside the methods, so ``import xdownscale`` stays
+cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import xarray as xr
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .xr.qdm import QDM
+    from .xr.spectra import Scale
+
+__all__ = ["DownscaleAccessor"]
+
+
+@xr.register_dataarray_accessor("downscale")
+class DownscaleAccessor:
+    """Downscale, bias-correct and analyse a coarse climate-model field.
+
+    Examples
+    --------
+    >>> import xdownscale
+    >>> from xdownscale.datasets import synthetic_precipitation
+    >>> pr = synthetic_precipitation(ny=16, nx=24, ntime=4)
+    >>> pr.downscale.upscale(factor=2).sizes["lat"]
+    8
+    """
+
+    def __init__(self, da: xr.DataArray) -> None:
+        self._da = da
+
+    # -- the call users came for -------------------------------------------------------------------
+    def cm(self, model: Any, *, scale: Any = "auto", members: int = 1, seed: int = 0, steps: int = 1,
+           **kwargs: Any) -> xr.DataArray:
+        """Downscale with a consistency model: noise to ``scale`` and denoise in ``steps`` calls.
+
+        Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for all arguments.
+        """
+        from .api import downscale
+
+        return downscale(self._da, model=model, method="cm", scale=scale, members=members, seed=seed,
+                         steps=steps, **kwargs)
+
+    def sde(self, model: Any, *, scale: Any = "auto", steps: int = 500, members: int = 1, seed: int = 0,
+            **kwargs: Any) -> xr.DataArray:
+        """Downscale with the score-based SDE bridge baseline (slow: ``steps`` network calls).
+
+        Forwards to :func:`xdownscale.downscale` with ``method="sde"``.
+        """
+        from .api import downscale
+
+        return downscale(self._da, model=model, method="sde", scale=scale, members=members, seed=seed,
+                         steps=steps, **kwargs)
+
+    def prepare(self, model: Any, **kwargs: Any) -> xr.DataArray:
+        """Everything up to the network input (units, regrid, low-pass, QDM, transform).
+
+        Forwards to :func:`xdownscale.prepare`.
+        """
+        from .api import prepare
+
+        return prepare(self._da, model=model, **kwargs)
+
+    def select_scale(self, model: Any = None, *, psd_fine: xr.DataArray | None = None,
+                     **kwargs: Any) -> Scale:
+        """The scale ``scale="auto"`` would pick: where this field's spectrum meets the model's.
+
+        With ``model``, forwards to :func:`xdownscale.api.select_scale`; with ``psd_fine`` (a target
+        spectrum), to :func:`xdownscale.select_scale` on this field's spectrum.
+        """
+        if model is not None:
+            from .api import select_scale as select_scale_for_model
+
+            return select_scale_for_model(self._da, model=model, **kwargs)
+        from .xr.spectra import psd, select_scale
+
+        if psd_fine is None:
+            from .errors import InputError
+
+            raise InputError("select_scale needs model= (a model name or path) or psd_fine= (a target "
+                             "spectrum from xdownscale.psd).")
+        return select_scale(psd_fine, psd(self._da, **kwargs))
+
+    # -- building blocks -----------------------------------------------------------------------------
+    def regrid(self, target: xr.DataArray | xr.Dataset, method: str = "bilinear",
+               **kwargs: Any) -> xr.DataArray:
+        """Regrid onto the grid of ``target``. Forwards to :func:`xdownscale.regrid`."""
+        from .xr.regrid import regrid
+
+        return regrid(self._da, target, method=method, **kwargs)
+
+    def qdm(self, ref: xr.DataArray | None = None, hist: xr.DataArray | None = None, *,
+            qdm: QDM | None = None, **kwargs: Any) -> xr.DataArray:
+        """Bias-correct with quantile delta mapping. Forwards to :func:`xdownscale.apply_qdm`."""
+        from .xr.qdm import apply_qdm
+
+        return apply_qdm(self._da, ref=ref, hist=hist, qdm=qdm, **kwargs)
+
+    def psd(self, **kwargs: Any) -> xr.DataArray:
+        """Radially averaged power spectral density. Forwards to :func:`xdownscale.psd`."""
+        from .xr.spectra import psd
+
+        return psd(self._da, **kwargs)
+
+    def upscale(self, factor: int = 4) -> xr.DataArray:
+        """Block-average ``factor`` x ``factor`` cells. Forwards to :func:`xdownscale.upscale`."""
+        from .xr.spectra import upscale
+
+        return upscale(self._da, factor=factor)
+
+    def lowpass(self, wavenumber: float) -> xr.DataArray:
+        """Keep scales with wavenumber <= ``wavenumber``. Forwards to :func:`xdownscale.lowpass`."""
+        from .xr.spectra import lowpass
+
+        return lowpass(self._da, wavenumber)
