@@ -1,0 +1,57 @@
+"""The layer contract of STYLE.md, checked on the source: numerics never import xarray/dask/pint,
+xarray adapters never import torch; and `import xdownscale` does no work beyond registering accessors."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "xdownscale"
+
+FORBIDDEN = {
+    "core": {"xarray", "dask", "pint", "cf_xarray", "xarray_regrid", "distributed"},
+    "nets": {"xarray", "dask", "pint", "cf_xarray", "xarray_regrid", "distributed"},
+    "xr": {"torch", "safetensors"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+            # relative imports into another layer, e.g. "from ..nets import unet" inside xr/
+            found.add("xdownscale." + node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports(layer: str) -> None:
+    files = sorted((PACKAGE / layer).glob("*.py"))
+    assert files, f"no modules found in xdownscale/{layer}"
+    bad = {}
+    forbidden = FORBIDDEN[layer] | ({"xdownscale.nets", "xdownscale.models"} if layer == "xr" else set())
+    for path in files:
+        hit = _imports(path) & forbidden
+        if hit:
+            bad[path.name] = sorted(hit)
+    assert not bad, f"xdownscale/{layer} imports what its layer forbids: {bad}"
+
+
+def test_import_is_cheap_and_registers_accessor() -> None:
+    code = (
+        "import sys, xarray as xr, xdownscale\n"
+        "assert hasattr(xr.DataArray([0.0]), 'downscale')\n"
+        "heavy = [m for m in ('torch', 'xarray_regrid', 'safetensors', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import xdownscale imported heavy modules: {out.stdout.strip()}"

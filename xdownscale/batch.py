@@ -1,0 +1,242 @@
+"""Long downscaling jobs that write incrementally and resume: the engine behind
+``xdownscale downscale ... --out OUT.zarr``.
+
+The output store is laid out once (all metadata, no data); then the input is streamed over blocks of
+time steps, each block is computed (on a ``dask.distributed`` cluster when one is given) and written into
+its zarr region, and the block's index is recorded in the store's attributes *after* its data is written.
+``resume=True`` skips recorded blocks. Since every field's noise is keyed by (seed, time stamp, member),
+a job that is killed and resumed produces exactly the store an uninterrupted job would.
+
+Before streaming, everything that needs the whole input is fixed once: ``scale="auto"`` is resolved
+from a sample of the input, and a QDM requested with ``qdm_hist`` is fitted on that period. Both are
+recorded in the store's attributes, and a resumed job reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from .errors import InputError
+
+__all__ = ["open_input", "downscale_to_store"]
+
+PROGRESS_ATTR = "xdownscale_done_blocks"
+JOB_ATTR = "xdownscale_job"
+
+
+def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) -> xr.DataArray:
+    """Open one or many netCDF/zarr files lazily and return ``variable`` chunked along time."""
+    from .xr.cf import find_time
+
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"Input file(s) not found: {', '.join(missing)}.")
+    if len(paths) == 1 and (paths[0].suffix == ".zarr" or paths[0].is_dir()):
+        ds = xr.open_zarr(paths[0])
+    elif len(paths) == 1:
+        ds = xr.open_dataset(paths[0], chunks={})
+    else:
+        ds = xr.open_mfdataset([str(p) for p in paths], combine="by_coords", chunks={})
+    if variable not in ds.data_vars:
+        raise InputError(
+            f"Variable '{variable}' is not in {', '.join(map(str, paths))}; it holds {sorted(map(str, ds.data_vars))}. "
+            "Pass --variable with one of those."
+        )
+    da = ds[variable]
+    time = find_time(da)
+    return da.chunk({time: chunks})
+
+
+def _fingerprint(da: xr.DataArray, **config: Any) -> str:
+    from .xr.cf import find_time
+
+    time = find_time(da)
+    t = da[time].values
+    return json.dumps(
+        {"shape": list(da.shape), "dims": list(map(str, da.dims)), "first": str(t[0]), "last": str(t[-1]),
+         **config},
+        sort_keys=True, default=str,
+    )
+
+
+def downscale_to_store(
+    da: xr.DataArray,
+    out: str | Path,
+    *,
+    model: Any,
+    method: str = "cm",
+    scale: Any = "auto",
+    members: int = 1,
+    seed: int = 0,
+    steps: int | None = None,
+    qdm_hist: slice | None = None,
+    block: int = 32,
+    resume: bool = False,
+    scheduler: str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Path:
+    """Downscale ``da`` into ``out`` (``.zarr``: incremental and resumable; ``.nc``: written at the end).
+
+    Parameters
+    ----------
+    da
+        Coarse input, lazily opened (see :func:`open_input`).
+    out
+        Output path ending in ``.zarr`` or ``.nc``.
+    scale, members, seed, steps, method
+        As in :func:`xdownscale.downscale`.
+    qdm_hist
+        Period of ``da`` to fit quantile delta mapping on (against the model's training quantiles);
+        None: no bias correction.
+    block
+        Time steps computed and written together.
+    resume
+        Continue a job whose store exists, skipping finished blocks. Without it an existing store is an
+        error.
+    scheduler
+        Address of a ``dask.distributed`` scheduler (e.g. ``tcp://host:8786``); blocks are computed on
+        the cluster, where each worker loads the model once from its file.
+
+    Returns
+    -------
+    Path
+        The output path.
+    """
+    from .api import _load, downscale, prepare, resolve_scale
+    from .xr.cf import find_time
+    from .xr.qdm import QDM
+
+    out = Path(out)
+    if out.suffix not in (".zarr", ".nc"):
+        raise InputError(f"--out {out}: expected a path ending in .zarr (resumable) or .nc (small jobs).")
+    model = _load(model)
+    time = find_time(da)
+    fitted = None
+    if qdm_hist is not None:
+        hist_fine = prepare(da.sel({time: qdm_hist}), model=model, transform=False,
+                            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")})
+        if hist_fine.sizes[time] == 0:
+            raise InputError(f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input.")
+        kind = "*" if model.variable["kind"] == "precipitation" else "+"
+        fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, kind=kind)
+        fitted = QDM.from_dataset(fitted.to_dataset().compute())
+    chosen = scale
+    if isinstance(scale, str) and scale.strip().lower() == "auto":
+        transformed = prepare(da, model=model, qdm=fitted if fitted is not None else False,
+                              **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")})
+        chosen = resolve_scale("auto", model, transformed)
+    config = dict(model=model.name, sha256=model.sha256, method=method, scale=str(chosen), members=members,
+                  seed=seed, steps=steps, qdm_hist=str(qdm_hist), block=block)
+    fingerprint = _fingerprint(da, **config)
+    result = downscale(da, model=model, method=method, scale=chosen, members=members, seed=seed, steps=steps,
+                       qdm=fitted if fitted is not None else False, progress=False, **kwargs)
+    result.attrs["history"] = result.attrs.get("history", "").split("\n")[-1]
+    if out.suffix == ".nc":
+        if out.exists() and not resume:
+            raise InputError(f"{out} exists. Remove it or pass --resume to keep it.")
+        if out.exists():
+            return out
+        return _write_netcdf(result, out, scheduler, progress)
+    return _write_zarr(result, out, fingerprint=fingerprint, time=time, block=block, resume=resume,
+                       scheduler=scheduler, progress=progress)
+
+
+def _client(scheduler: str | None) -> Any:
+    if scheduler is None:
+        return None
+    from distributed import Client
+
+    return Client(scheduler)
+
+
+def _write_netcdf(result: xr.DataArray, out: Path, scheduler: str | None, progress: bool) -> Path:
+    client = _client(scheduler)
+    try:
+        computed = client.compute(result).result() if client is not None else result.compute()
+    finally:
+        if client is not None:
+            client.close()
+    tmp = out.with_name(out.name + ".part")
+    computed.to_dataset(name=str(result.name or "downscaled")).to_netcdf(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_zarr(result: xr.DataArray, out: Path, *, fingerprint: str, time: str, block: int, resume: bool,
+                scheduler: str | None, progress: bool) -> Path:
+    import zarr
+    from tqdm.auto import tqdm
+
+    name = str(result.name or "downscaled")
+    ntime = result.sizes[time]
+    starts = list(range(0, ntime, block))
+    result = result.chunk({time: block})
+    ds = result.to_dataset(name=name)
+    for var in ds.variables.values():
+        var.encoding.pop("chunks", None)
+    done: set[int] = set()
+    if out.exists():
+        if not resume:
+            raise InputError(f"{out} exists. Pass --resume to continue that job, or remove it to start again.")
+        attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+        if attrs.get(JOB_ATTR) != fingerprint:
+            raise InputError(
+                f"{out} was written by a different job (other input, model or settings); --resume only continues "
+                "the same job. Remove the store or choose another --out."
+            )
+        done = set(attrs.get(PROGRESS_ATTR, []))
+    else:
+        tmp = out.with_name(out.name + ".part")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        ds.attrs[JOB_ATTR] = fingerprint
+        ds.attrs[PROGRESS_ATTR] = []
+        ds.to_zarr(tmp, compute=False, mode="w")
+        os.replace(tmp, out)
+    todo = [i for i, _ in enumerate(starts) if i not in done]
+    client = _client(scheduler)
+    group = zarr.open_group(str(out), mode="r+")
+    window = max(1, sum(client.nthreads().values())) if client is not None else 1
+    try:
+        with tqdm(total=len(starts), initial=len(starts) - len(todo), disable=not progress, desc="blocks",
+                  unit="block") as bar:
+            for first in range(0, len(todo), window):
+                batch = todo[first:first + window]
+                pieces = [ds.isel({time: slice(starts[i], min(starts[i] + block, ntime))}) for i in batch]
+                if client is not None:
+                    computed = client.gather(client.compute(pieces))
+                else:
+                    computed = [p.compute() for p in pieces]
+                for i, piece in zip(batch, computed):
+                    region = {time: slice(starts[i], min(starts[i] + block, ntime))}
+                    piece = piece.drop_vars([v for v in piece.coords if time not in piece[v].dims])
+                    piece.attrs = {}
+                    piece.to_zarr(out, region=region, mode="r+")
+                    done.add(i)
+                    group.attrs[PROGRESS_ATTR] = sorted(done)
+                    bar.update(1)
+    finally:
+        if client is not None:
+            client.close()
+    return out
+
+
+def parse_period(text: str | None) -> slice | None:
+    """``"1983/2002"`` -> ``slice("1983", "2002")``; None stays None."""
+    if text is None:
+        return None
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise InputError(f"Period {text!r}: expected START/END, e.g. 1983/2002 or 1983-12/2002-02.")
+    return slice(parts[0], parts[1])
+
+
