@@ -1,0 +1,74 @@
+"""Pointwise variable transforms on plain numpy arrays: log transform and min-max scaling.
+
+Hess et al. (2024, section 4.1) train and sample in a transformed space:
+
+    x~ = log(x + eps) - log(eps) = log1p(x / eps)          (precipitation; eps = 1e-4 in data units)
+    y  = 2 (x~ - lo) / (hi - lo) - 1                          (about [-1, 1])
+
+with ``lo``/``hi`` the minimum and maximum of x~ over the training data. ``log1p``/``expm1`` are used
+because they are exact near 0 where ``log(x + eps) - log(eps)`` loses digits. For variables that
+are not log-transformed (temperature) x~ = x. The functions here compute in float64; the dtype
+handling and the class live in :mod:`xdownscale.transforms`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = [
+    "check_eps",
+    "log_forward",
+    "log_inverse",
+    "minmax_forward",
+    "minmax_inverse",
+]
+
+
+def check_eps(eps: float) -> float:
+    """Return ``eps`` as a float after checking it is finite and > 0.
+
+    Raises
+    ------
+    InputError
+        ``eps`` is not a positive finite number.
+    """
+    try:
+        e = float(eps)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"eps must be a positive number in the data's units; got {eps!r}.") from err
+    if not (np.isfinite(e) and e > 0):
+        raise InputError(
+            f"eps must be a positive number in the data's units (e.g. 1e-4 mm/day); got {eps!r}. "
+            "It is the offset in log(x + eps) that keeps zero precipitation finite."
+        )
+    return e
+
+
+def log_forward(x: np.ndarray, eps: float) -> np.ndarray:
+    """``x~ = log(x + eps) - log(eps)`` computed as ``log1p(x / eps)``, float64.
+
+    Values in [-eps, 0) (round-off of regridding or bias correction) are treated as 0; NaN stays
+    NaN. Values below -eps are the caller's to reject (they give NaN here).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.log1p(np.where(x < 0, np.where(x >= -eps, 0.0, np.nan), x) / eps)
+
+
+def log_inverse(xt: np.ndarray, eps: float) -> np.ndarray:
+    """Inverse of :func:`log_forward`: ``eps * expm1(x~)``, clipped at 0 (float64; NaN stays NaN)."""
+    xt = np.asarray(xt, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return np.maximum(eps * np.expm1(xt), 0.0)
+
+
+def minmax_forward(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``2 (x - lo) / (hi - lo) - 1``: maps [lo, hi] onto [-1, 1] (float64)."""
+    return 2.0 * (np.asarray(x, dtype=np.float64) - lo) / (hi - lo) - 1.0
+
+
+def minmax_inverse(y: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Inverse of :func:`minmax_forward`: ``(y + 1) (hi - lo) / 2 + lo`` (float64)."""
+    return (np.asarray(y, dtype=np.float64) + 1.0) * ((hi - lo) / 2.0) + lo
