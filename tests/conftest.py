@@ -30,3 +30,6 @@ def iberia_dir() -> Path:
     if not path.is_dir() or not any(path.glob("*.nc")):
         pytest.skip(f"real data not found at {path} (needs the shared/ folder beside the repository)")
     return path
+
+
+from _model_fixtures import cm_model, fine_data, sde_model  # noqa: E402,F401  (session fixtures)
