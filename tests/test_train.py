@@ -1,0 +1,330 @@
+"""The training loop: tiny synthetic runs (16x24 fields, channels (8, 16), a few steps) on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from xdownscale.datasets import synthetic_precipitation, synthetic_temperature
+from xdownscale.errors import InputError, MissingCoordinateError, UnitError
+from xdownscale.models import load_model
+from xdownscale.models.io import read_safetensors
+from xdownscale.models.train import train
+
+NY, NX = 16, 24
+TINY: dict[str, Any] = dict(
+    channels=(8, 16),
+    net={"num_res_blocks": 1, "num_heads": 2},
+    batch_size=4,
+    device="cpu",
+    progress=False,
+    nquantiles=50,
+)
+
+
+@pytest.fixture(scope="module")
+def pr() -> xr.DataArray:
+    """40 days of synthetic precipitation with a NaN 'sea' and one cell missing on a single day."""
+    da = synthetic_precipitation(ny=NY, nx=NX, ntime=40, mask=True, seed=3)
+    da = da.copy(deep=True)
+    da[5, 8, 12] = np.nan
+    return da
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bitwise equal tensors (NaN where NaN)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a[key].numpy().tobytes() == b[key].numpy().tobytes(), key
+
+
+def _checkpoint(out: Path) -> Path:
+    return sorted((out / "checkpoints").glob("step-*"))[-1]
+
+
+@pytest.mark.parametrize(("kind", "loss"), [("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
+def test_train_writes_a_loadable_model(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
+    out = tmp_path / "run"
+    path = train(kind, pr, "pr", out, steps=6, loss=loss, checkpoint_every=3, log_every=2, **TINY)
+    assert path == out / f"{kind}-pr-{NY}x{NX}.safetensors"
+    model = load_model(path)
+    assert (
+        model.kind == kind
+        and model.variable["units"] == "mm d-1"
+        and model.variable["kind"] == "precipitation"
+    )
+    assert model.frequency == "1D" and model.variable["standard_name"] == "lwe_precipitation_rate"
+    card = model.card
+    # normalisation fitted on the training period (the last 10% = 4 days are validation)
+    assert card["training"]["n_train"] == 36 and card["training"]["n_val"] == 4
+    train_part = pr.isel(time=slice(0, 36))
+    assert model.transform.log is True
+    assert model.transform.data_max == pytest.approx(float(train_part.max()), rel=1e-6)
+    assert card["training"]["period"] == ["1991-12-01", "1992-01-05"]
+    assert card["training"]["validation_period"] == ["1992-01-06", "1992-01-09"]
+    # mask: the sea (NaN at all times), not the cell missing on one day
+    expected = ~np.isnan(pr.values).all(axis=0)
+    assert not expected.all() and expected[8, 12]
+    np.testing.assert_array_equal(model.mask, expected)
+    # target PSD in the transformed space, reference quantiles in mm/day
+    assert model.target_psd.attrs["n_cells"] == NY * NX
+    assert np.isfinite(model.target_psd.values).all() and (model.target_psd.values > 0).all()
+    rq = model.reference_quantiles
+    assert rq is not None and rq.shape == (50, NY, NX) and rq.attrs["units"] == "mm d-1"
+    np.testing.assert_allclose(rq["quantiles"].values, (np.arange(50) + 0.5) / 50)
+    assert np.isnan(rq.values[:, ~expected]).all()
+    assert float(rq.max()) <= float(train_part.max()) + 1e-4
+    # network
+    arch = card["architecture"]["config"]
+    assert arch["channels"] == [8, 16] and arch["periodic"] is False and arch["num_res_blocks"] == 1
+    assert model.sigma_data == 0.5
+    assert (model.sigma_min, model.sigma_max) == ((0.002, 80.0) if kind == "cm" else (0.01, 500.0))
+    # training record
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [2, 4, 6]
+    assert [h["step"] for h in history if "val_loss" in h] == [3, 6]
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+    assert card["training"]["final_val_loss"] == history[-1]["val_loss"]
+    ckpt = _checkpoint(out)
+    assert ckpt.name == "step-00000006"
+    files = {p.name for p in ckpt.iterdir()}
+    assert {
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+    } <= files
+    assert ("teacher.safetensors" in files) == (loss == "ct")
+    # the shipped weights are the EMA of the last checkpoint
+    shipped = {k.removeprefix("network."): v for k, v in _weights(path).items() if k.startswith("network.")}
+    _assert_same(shipped, _weights(ckpt / "ema.safetensors"))
+
+
+def test_masked_cells_are_zero_and_excluded(
+    tmp_path: Path, pr: xr.DataArray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss gets x0 = 0 and mask = False on the sea and on cells missing on a given day."""
+    from xdownscale.core import consistency
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = consistency.ict_loss
+
+    def spy(model: Any, x0: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        seen.append((x0.clone(), kwargs["mask"].clone()))
+        return real(model, x0, **kwargs)
+
+    monkeypatch.setattr(consistency, "ict_loss", spy)
+    train(
+        "cm",
+        pr,
+        "pr",
+        tmp_path,
+        steps=10,
+        val_fraction=0.0,
+        checkpoint_every=10,
+        batch_size=16,
+        **{k: v for k, v in TINY.items() if k != "batch_size"},
+    )
+    sea = torch.from_numpy(np.isnan(pr.values).all(axis=0))
+    for x0, mask in seen:
+        assert x0.shape == mask.shape == (16, 1, NY, NX) and mask.dtype == torch.bool
+        assert not mask[:, :, sea].any() and (x0[:, :, sea] == 0).all()
+        assert torch.isfinite(x0).all()
+    # the cell missing on one day only is masked in the samples of that day only
+    missing = [not bool(m[b, 0, 8, 12]) for _, m in seen for b in range(m.shape[0])]
+    assert any(missing) and not all(missing)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int) -> Any:
+    def callback(info: dict[str, Any]) -> None:
+        if info["step"] == step:
+            raise _Stop
+
+    return callback
+
+
+@pytest.mark.parametrize(("kind", "loss"), [("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
+def test_resume_after_interruption_is_exact(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
+    n = 5
+    common = dict(steps=2 * n, loss=loss, checkpoint_every=n, log_every=2, seed=7, **TINY)
+    straight = train(kind, pr, "pr", tmp_path / "straight", **common)
+    with pytest.raises(_Stop):
+        train(
+            kind, pr, "pr", tmp_path / "resumed", callback=_stop_at(n + 2), **common
+        )  # killed after a checkpoint
+    assert _checkpoint(tmp_path / "resumed").name == f"step-{n:08d}"
+    resumed = train(kind, pr, "pr", tmp_path / "resumed", resume=True, **common)
+    _assert_same(_weights(straight), _weights(resumed))
+    for name in ("model", "ema", "optimizer", "rng") + (("teacher",) if loss == "ct" else ()):
+        _assert_same(
+            _weights(_checkpoint(tmp_path / "straight") / f"{name}.safetensors"),
+            _weights(_checkpoint(tmp_path / "resumed") / f"{name}.safetensors"),
+        )
+    history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("straight", "resumed")]
+    assert history[0] == history[1]
+
+
+def test_same_seed_same_weights(tmp_path: Path, pr: xr.DataArray) -> None:
+    a = train("cm", pr, "pr", tmp_path / "a", steps=4, seed=1, checkpoint_every=4, **TINY)
+    b = train("cm", pr, "pr", tmp_path / "b", steps=4, seed=1, checkpoint_every=4, **TINY)
+    c = train("cm", pr, "pr", tmp_path / "c", steps=4, seed=2, checkpoint_every=4, **TINY)
+    _assert_same(_weights(a), _weights(b))
+    wa, wc = _weights(a), _weights(c)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if k.startswith("network."))
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")  # zarr 3 writing a v3 store
+def test_files_units_and_val_time(tmp_path: Path) -> None:
+    """netCDF files in kg m-2 s-1, opened lazily as many files; a validation period by dates."""
+    da = synthetic_precipitation(ny=NY, nx=NX, ntime=30, units="kg m-2 s-1", seed=4)
+    paths = []
+    for i, part in enumerate((da.isel(time=slice(0, 15)), da.isel(time=slice(15, 30)))):
+        paths.append(tmp_path / f"pr_{i}.nc")
+        part.to_dataset().to_netcdf(paths[-1])
+    path = train(
+        "cm",
+        [str(p) for p in paths],
+        "pr",
+        tmp_path / "out",
+        name="files",
+        steps=2,
+        val_time="1991-12-10/1991-12-14",
+        checkpoint_every=2,
+        **TINY,
+    )
+    model = load_model(path)
+    assert model.name == "files" and model.variable["units"] == "mm d-1"
+    assert model.card["training"]["validation_period"] == ["1991-12-10", "1991-12-14"]
+    assert model.card["training"]["n_val"] == 5 and model.card["training"]["n_train"] == 25
+    assert model.transform.data_max == pytest.approx(float(da.max()) * 86400, rel=1e-5)
+    assert "pr_0.nc" in model.card["training"]["data"]
+    # the same from a glob and from a zarr store
+    train("cm", str(tmp_path / "pr_*.nc"), "pr", tmp_path / "glob", steps=1, checkpoint_every=1, **TINY)
+    da.to_dataset().to_zarr(tmp_path / "pr.zarr")
+    train("cm", tmp_path / "pr.zarr", None, tmp_path / "zarr", steps=1, checkpoint_every=1, **TINY)
+
+
+def test_temperature_is_not_log_transformed(tmp_path: Path) -> None:
+    tas = synthetic_temperature(ny=NY, nx=NX, ntime=12, seed=0)
+    tas = xr.apply_ufunc(lambda v: v - 273.15, tas, keep_attrs=True).assign_attrs(units="degC")
+    path = train("sde", tas, None, tmp_path, steps=1, checkpoint_every=1, **TINY)
+    model = load_model(path)
+    assert model.transform.log is False and model.variable["units"] == "K"
+    assert model.variable["kind"] == "temperature"
+    assert model.transform.data_min > 200  # converted to kelvin before fitting
+
+
+def test_input_errors(tmp_path: Path, pr: xr.DataArray) -> None:
+    ds = pr.to_dataset().assign(other=pr * 0)
+    with pytest.raises(InputError, match=r"Variable 'tas' is not in the training data .*'pr', 'other'"):
+        train("cm", ds, "tas", tmp_path / "x", steps=1, **TINY)
+    with pytest.raises(InputError, match=r"hold the variables \['pr', 'other'\]; pass variable="):
+        train("cm", ds, None, tmp_path / "x", steps=1, **TINY)
+    with pytest.raises(MissingCoordinateError, match=r"Cannot find a time dimension"):
+        train("cm", pr.isel(time=0), "pr", tmp_path / "x", steps=1, **TINY)
+    with pytest.raises(InputError, match=r"Too few time steps to train: 2 in the data, 1 left"):
+        train("cm", pr.isel(time=slice(0, 2)), "pr", tmp_path / "x", steps=1, val_fraction=0.5, **TINY)
+    with pytest.raises(
+        InputError, match=r"val_time='2030-01/2030-02' selects no time step; the data span 1991-12-01"
+    ):
+        train("cm", pr, "pr", tmp_path / "x", steps=1, val_time="2030-01/2030-02", **TINY)
+    with pytest.raises(InputError, match=r"Unknown model kind 'gan'; expected one of 'cm', 'sde'"):
+        train("gan", pr, "pr", tmp_path / "x", steps=1, **TINY)
+    with pytest.raises(InputError, match=r"loss='dsm' does not train kind 'cm'"):
+        train("cm", pr, "pr", tmp_path / "x", steps=1, loss="dsm", **TINY)
+    with pytest.raises(UnitError, match=r"no units attribute"):
+        train("cm", pr.assign_attrs(units=""), "pr", tmp_path / "x", steps=1, **TINY)
+    with pytest.raises(InputError, match=r"Training data file '.*missing.nc' does not exist"):
+        train("cm", str(tmp_path / "missing.nc"), "pr", tmp_path / "x", steps=1, **TINY)
+    assert not (tmp_path / "x").exists()
+
+
+def test_units_override(tmp_path: Path, pr: xr.DataArray) -> None:
+    path = train(
+        "cm",
+        pr.assign_attrs(units="furlongs"),
+        "pr",
+        tmp_path,
+        steps=1,
+        units="mm/day",
+        checkpoint_every=1,
+        **TINY,
+    )
+    assert load_model(path).variable["units"] == "mm d-1"
+
+
+def test_out_dir_guard(tmp_path: Path, pr: xr.DataArray) -> None:
+    out = tmp_path / "run"
+    train("cm", pr, "pr", out, steps=2, checkpoint_every=1, **TINY)
+    with pytest.raises(
+        InputError, match=r"already holds a training run \(checkpoint step-00000002\)\. Pass resume=True"
+    ):
+        train("cm", pr, "pr", out, steps=2, checkpoint_every=1, **TINY)
+    with pytest.raises(
+        InputError, match=r"different configuration \(steps=2 there, 4 here; lr=0.0002 there, 0.001 here\)"
+    ):
+        train("cm", pr, "pr", out, steps=4, lr=1e-3, resume=True, checkpoint_every=1, **TINY)
+    with pytest.raises(InputError, match=r"different configuration \(.*data_sha256="):
+        train("cm", pr * 2, "pr", out, steps=2, resume=True, checkpoint_every=1, **TINY)
+    # resuming a finished run with the same configuration just writes the model again
+    path = train("cm", pr, "pr", out, steps=2, resume=True, checkpoint_every=1, **TINY)
+    assert path.is_file()
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_on_cuda_with_bf16(tmp_path: Path, pr: xr.DataArray) -> None:
+    options = {**TINY, "device": "cuda"}
+    for kind in ("cm", "sde"):
+        path = train(kind, pr, "pr", tmp_path / kind, steps=4, checkpoint_every=2, **options)
+        model = load_model(path, device="cuda")
+        assert next(model.network.parameters()).device.type == "cuda"
+        assert model.card["training"]["precision"] == "bf16 autocast"
+    # resuming on the GPU restores the CUDA generator state as well
+    with pytest.raises(_Stop):
+        train("cm", pr, "pr", tmp_path / "r", steps=4, checkpoint_every=2, callback=_stop_at(3), **options)
+    train("cm", pr, "pr", tmp_path / "r", steps=4, checkpoint_every=2, resume=True, **options)
+
+
+def test_public_entry_points() -> None:
+    import xdownscale
+
+    assert xdownscale.train is train
+    assert xdownscale.load_model is load_model
+
+
+@pytest.mark.data
+def test_train_on_eobs(tmp_path: Path, iberia_dir: Path) -> None:
+    """Real E-OBS files: units "mm" on daily steps, the sea NaN at all times, a winter held out."""
+    path = train(
+        "cm",
+        iberia_dir / "eobs_0.5deg_rr_djf1983-2002.nc",
+        "rr",
+        tmp_path,
+        steps=2,
+        val_time="2000-12/2002-02",
+        checkpoint_every=2,
+        **TINY,
+    )
+    model = load_model(path)
+    assert model.name == "cm-rr-19x29" and model.variable["units"] == "mm d-1"
+    assert model.card["training"]["validation_period"] == ["2000-12-01", "2002-02-28"]
+    assert 0.3 < float(model.mask.mean()) < 0.95
+    assert float(model.reference_quantiles.max()) > 20  # mm/day: wet tail of Iberian winters

@@ -1,0 +1,103 @@
+"""The ``xdownscale`` command line: a thin layer over the Python API.
+
+Each command parses its options, calls one public function and prints where its result went. Heavy
+modules (torch, the models) are imported inside the commands, so ``xdownscale --help`` is instant.
+
+Examples
+--------
+::
+
+    xdownscale train cm eobs_*.nc --variable rr --out runs/cm-rr --steps 20000 --batch-size 32
+    xdownscale train cm eobs_*.nc --variable rr --out runs/cm-rr --steps 20000 --batch-size 32 --resume
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .errors import XDownscaleError
+
+__all__ = ["main"]
+
+
+def _channels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(c) for c in value.replace(" ", "").split(",") if c)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers such as 16,32,32; got {value!r}"
+        ) from None
+    if not channels or min(channels) < 1:
+        raise click.BadParameter(f"expected positive integers such as 16,32,32; got {value!r}")
+    return channels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xarray-downscale", prog_name="xdownscale")
+def main() -> None:
+    """Zero-shot downscaling of Earth-system-model output with consistency models."""
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["cm", "sde"]))
+@click.argument("data", nargs=-1, required=True)
+@click.option(
+    "--variable", "-v", default=None, help="Variable to train on (e.g. pr); needed if the files hold several."
+)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--name", default=None, help="Model name (default KIND-VARIABLE-NYxNX).")
+@click.option("--steps", default=20000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--channels",
+    default="16,32,32",
+    show_default=True,
+    callback=_channels,
+    help="UNet channels per resolution level.",
+)
+@click.option("--lr", default=2e-4, show_default=True, type=float, help="RAdam learning rate.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--loss",
+    default=None,
+    type=click.Choice(["ict", "ct", "dsm"]),
+    help="Loss (default: ict for cm, dsm for sde).",
+)
+@click.option("--ema-decay", default=0.999, show_default=True, type=float)
+@click.option("--val-time", default=None, help="Validation period START/END, e.g. 1996-12/1997-02.")
+@click.option(
+    "--val-fraction",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="Last fraction of time steps held out when --val-time is not given.",
+)
+@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@click.option("--units", default=None, help="Override the units attribute of the data, e.g. mm/day.")
+@click.option("--licence", default=None, help="Licence / terms of use of the training data, for the card.")
+@click.option("--fp16", is_flag=True, help="Store the shipped weights as float16 (half the file size).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train(kind: str, data: tuple[str, ...], **options: Any) -> None:
+    """Train a KIND (cm or sde) model on the fine-grid fields in DATA (netCDF files, globs or zarr stores)."""
+    from .models.train import train as train_model
+
+    fp16 = options.pop("fp16")
+    quiet = options.pop("quiet")
+    if fp16:
+        import torch
+
+        options["dtype"] = torch.float16
+    try:
+        path = train_model(kind, list(data), progress=not quiet, **options)
+    except XDownscaleError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Model written to {path} (card: {path.with_suffix('.json')})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
