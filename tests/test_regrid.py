@@ -181,6 +181,16 @@ def test_longitude_conventions_are_equivalent(method):
     )
 
 
+@pytest.mark.parametrize("method", ["bilinear", "conservative"])
+def test_global_source_with_a_cyclic_duplicate_column(method):
+    lon = np.arange(0.0, 360.1, 7.5)  # 0 .. 360: the last column repeats the first
+    src = regional_grid(-90.0 + (np.arange(24) + 0.5) * 7.5, lon)
+    da = field(src, smooth)
+    out = regrid(da, global_grid(45, 96, lon0=-180.0), method)
+    assert not out.isnull().any()
+    assert float(regrid(da * 0 + 2.0, global_grid(45, 96, lon0=-180.0), method).std()) < 1e-12
+
+
 def test_regional_source_across_the_dateline():
     lon = np.concatenate([np.arange(160.0, 180.0, 2.0), np.arange(-180.0, -158.0, 2.0)])
     src = regional_grid(np.arange(-10.0, 11.0, 2.0), lon)

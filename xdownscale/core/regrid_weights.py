@@ -62,21 +62,24 @@ _EPS_DEG = 1e-9  # tolerance in degrees for "exactly on the edge"
 def _sort_lon(lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Order of ``lon`` along the circle and its values unwrapped to increase from the start.
 
-    The start is put after the largest gap, so a regional grid that crosses the dateline (or the
-    0 meridian) becomes one increasing run, whatever convention (0..360, -180..180) it is stored in.
+    Monotonic longitudes (possibly jumping at the dateline or the 0 meridian, in either direction) are
+    unwrapped as they come, which keeps a cyclic duplicate column (0 .. 360) at both ends. Otherwise the
+    run starts after the largest gap along the circle. Either way a regional grid that crosses the
+    dateline becomes one increasing run, whatever convention (0..360, -180..180) it is stored in.
     """
     lon = np.asarray(lon, dtype=float)
+    u = np.rad2deg(np.unwrap(np.deg2rad(lon)))
+    step = np.diff(u)
+    if np.all(step >= 0) or np.all(step <= 0):
+        order = np.argsort(u, kind="stable")
+        return order, u[order]
     lw = np.mod(lon, 360.0)
     order = np.argsort(lw, kind="stable")
     ls = lw[order]
-    gaps = np.diff(np.append(ls, ls[0] + 360.0))
-    start = (int(np.argmax(gaps)) + 1) % ls.size
+    start = (int(np.argmax(np.diff(np.append(ls, ls[0] + 360.0)))) + 1) % ls.size
     order = np.roll(order, -start)
     ls = np.roll(ls, -start)
-    ls = ls[0] + np.mod(ls - ls[0], 360.0)
-    if ls.size > 1 and ls[-1] == ls[0]:  # a full 360 cycle rounded to the start
-        ls[-1] += 360.0
-    return order, ls
+    return order, ls[0] + np.mod(ls - ls[0], 360.0)
 
 
 def _edges_from_centres(c: np.ndarray) -> np.ndarray:
@@ -125,8 +128,7 @@ def lon_cell_bounds(lon: np.ndarray, periodic: bool) -> np.ndarray:
     order, ls = _sort_lon(lon)
     if periodic:
         ext = np.concatenate([[ls[-1] - 360.0], ls, [ls[0] + 360.0]])
-        mid = 0.5 * (ext[1:] + ext[:-1])
-        edges = mid
+        edges = 0.5 * (ext[1:] + ext[:-1])
     else:
         edges = _edges_from_centres(ls)
     out = np.empty((lon.size, 2))

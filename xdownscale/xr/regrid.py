@@ -462,7 +462,7 @@ def _build_weights(
             tgt["lat"],
             tgt["lon"],
             method,
-            src_periodic=sgrid.periodic,
+            src_periodic=sgrid.periodic or _closes_circle(src["lon"]),
             tgt_periodic=tgrid.periodic,
             src_lat_bounds=src["lat_bounds"],
             src_lon_bounds=src["lon_bounds"],
@@ -474,6 +474,13 @@ def _build_weights(
     if backend == "delaunay":
         return rw.sphere_linear_weights(slat, slon, tlat, tlon)
     return _xesmf_weights(method, src, tgt, sgrid, tgrid)
+
+
+def _closes_circle(lon: np.ndarray) -> bool:
+    """A rectilinear longitude axis with a cyclic duplicate column (e.g. 0, 2.5, ..., 360) is global too,
+    though :func:`~xdownscale.xr.cf.find_grid` calls it not periodic; it wraps around for regridding."""
+    u = np.rad2deg(np.unwrap(np.deg2rad(np.asarray(lon, dtype=float))))
+    return bool(u.size > 2 and np.ptp(u) >= 360.0 - 1e-6)
 
 
 def _mesh(arrays: dict[str, Any], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
