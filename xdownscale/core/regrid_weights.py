@@ -260,24 +260,34 @@ class Weights(ABC):
         lead = x.shape[: x.ndim - len(self.src_shape)]
         if x.shape[len(lead) :] != tuple(self.src_shape):
             raise ValueError(f"expected trailing shape {self.src_shape}, got {x.shape}")
-        x3 = np.ascontiguousarray(x.reshape((-1, *self.src_shape)))
-        valid = ~np.isnan(x3)
-        if valid.all():
+        x3 = x.reshape((-1, *self.src_shape))
+        out = np.empty((x3.shape[0], *self.tgt_shape), dtype=x.dtype)
+        # slabs of a few tens of MB: temporaries stay small whatever the number of time steps
+        step = max(1, (1 << 23) // max(int(np.prod(self.tgt_shape)), 1))
+        for i in range(0, x3.shape[0], step):
+            out[i : i + step] = self._apply_slab(np.ascontiguousarray(x3[i : i + step]), mask_threshold)
+        return out.reshape(lead + tuple(self.tgt_shape))
+
+    def _apply_slab(self, x3: np.ndarray, mask_threshold: float) -> np.ndarray:
+        # valid fraction below `least` -> NaN (1e-6: round-off of weights summing to exactly the threshold)
+        least = max(mask_threshold - 1e-6, float(np.finfo(x3.dtype).tiny))
+        invalid = np.isnan(x3)
+        if not invalid.any():
             out = self._contract(x3)
-            keep = _keep(self.coverage, mask_threshold)
+            drop = self.coverage < least  # (tgt_shape), the same for every slice
         else:
-            out = self._contract(np.where(valid, x3, 0).astype(x.dtype, copy=False))
-            vfrac = self._contract(valid.astype(x.dtype))
+            out = self._contract(np.where(invalid, 0, x3).astype(x3.dtype, copy=False))
+            frac = self._contract((~invalid).astype(x3.dtype))
             # Cells whose stencil is entirely valid are left undivided, so they come out bit for bit as
             # from the NaN-free path: results must not depend on NaN elsewhere in the same dask chunk.
-            full = np.abs(vfrac - 1) <= 64 * np.finfo(x.dtype).eps
+            partial = np.abs(frac - 1) > 64 * np.finfo(x3.dtype).eps
             with np.errstate(invalid="ignore", divide="ignore"):
-                np.divide(out, vfrac, out=out, where=~full)
-            vfrac[full] = 1
-            keep = _keep(vfrac * self._cast(self.coverage, x.dtype), mask_threshold)
-        if not keep.all():
-            out[~np.broadcast_to(keep, out.shape)] = np.nan
-        return out.reshape(lead + tuple(self.tgt_shape))
+                np.divide(out, frac, out=out, where=partial)
+            np.copyto(frac, 1, where=~partial)
+            frac *= self._cast(self.coverage, x3.dtype)
+            drop = frac < least
+        np.copyto(out, np.asarray(np.nan, dtype=out.dtype), where=drop)
+        return out
 
     def _cast(self, a: Any, dtype: np.dtype) -> Any:
         """``a`` (an attribute of self) in ``dtype``, converted once per dtype."""
@@ -287,11 +297,6 @@ class Weights(ABC):
             hit = a.astype(dtype)
             self._cast_cache[key] = hit
         return hit
-
-
-def _keep(frac: np.ndarray, mask_threshold: float) -> np.ndarray:
-    # 1e-6: round-off of weights that sum to exactly the threshold (e.g. 1.0) in float32
-    return np.asarray((frac > 0) & (frac >= mask_threshold - 1e-6))
 
 
 def _last(x2: np.ndarray, w: sp.csr_matrix) -> np.ndarray:
