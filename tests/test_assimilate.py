@@ -378,3 +378,27 @@ def test_warnings_free_core_import():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AreaAverage(sp.eye(4, format="csr"), shape=(2, 2))
+
+
+def test_assimilation_cards_are_listed_and_validated(tiny_models, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from xdownscale.errors import ModelCardError
+    from xdownscale.models import list_models
+    from xdownscale.models.assimilation import load_assimilation_model, validate_assimilation_card
+
+    model = tiny_models["slams"]
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(model.path.with_suffix(suffix), tmp_path / f"{model.name}{suffix}")
+    monkeypatch.setenv("XDOWNSCALE_WEIGHTS", str(tmp_path))
+    listed = {m["name"]: m for m in list_models()}
+    assert listed[model.name]["kind"] == "slams"
+    assert load_assimilation_model(model.name).kind == "slams"
+    card = json.loads(model.path.with_suffix(".json").read_text())
+    del card["autoencoder"]
+    with pytest.raises(ModelCardError, match="needs the field 'autoencoder'"):
+        validate_assimilation_card(card)
+    card["kind"] = "cm"
+    with pytest.raises(ModelCardError, match="assimilation needs a 'slams' or 'sda' model"):
+        validate_assimilation_card(card)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from ..errors import InputError, ModelCardError, WeightsIntegrityError
-from .card import CARD_FORMAT, MASK_KEY, jsonable, write_card
+from .card import ASSIMILATION_KINDS, CARD_FORMAT, MASK_KEY, jsonable, validate_card, write_card
 from .io import read_safetensors, sha256_file, write_safetensors
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "validate_assimilation_card",
 ]
 
-ASSIMILATION_KINDS = ("slams", "sda")
 SCORE_PREFIX = "score."
 AE_PREFIX = "autoencoder."
 
@@ -183,63 +182,33 @@ class AssimilationModel:
 
 
 # ------------------------------------------------------------------------------------------------ card
-_CARD_FIELDS: list[tuple[str, Any, str]] = [
-    ("format", lambda v: v == CARD_FORMAT, f"the string {CARD_FORMAT!r}"),
-    ("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-    ("version", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-    ("kind", lambda v: v in ASSIMILATION_KINDS, "'slams' or 'sda'"),
-    (
-        "architecture",
-        lambda v: isinstance(v, dict) and v.get("class") == "UNet" and isinstance(v.get("config"), dict),
-        "{'class': 'UNet', 'config': {...}}",
-    ),
-    (
-        "autoencoder",
-        lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("config"), dict)),
-        "null (sda) or {'class': 'Autoencoder', 'config': {...}} (slams)",
-    ),
-    (
-        "variable",
-        lambda v: isinstance(v, dict) and {"name", "units", "transform"} <= set(v),
-        "a dict with name, units and transform",
-    ),
-    (
-        "grid",
-        lambda v: isinstance(v, dict) and {"dims", "shape", "lat", "lon", "coords", "periodic"} <= set(v),
-        "a dict with dims, shape, lat, lon, coords and periodic",
-    ),
-    (
-        "assimilation",
-        lambda v: isinstance(v, dict) and {"window", "eta", "background_std"} <= set(v),
-        "a dict with window, eta and background_std",
-    ),
-    ("training", lambda v: isinstance(v, dict), "a dict describing the training data"),
-]
-
-
 def validate_assimilation_card(
     card: Any, *, source: str = "model card", require_sha256: bool = True
 ) -> dict[str, Any]:
-    """Check the fields of a ``"slams"`` / ``"sda"`` card.
+    """Check a ``"slams"`` / ``"sda"`` card: the common fields (:func:`~xdownscale.models.card.validate_card`)
+    and the ``autoencoder`` and ``assimilation`` entries.
 
     Raises
     ------
     ModelCardError
-        A field is missing or wrong; the message names it.
+        A field is missing or wrong, or the card is not of an assimilation kind; the message names it.
     """
-    if not isinstance(card, dict):
-        raise ModelCardError(f"{source}: a model card must be a JSON object, got {type(card).__name__}.")
-    for key, check, expected in _CARD_FIELDS:
-        if key not in card:
-            raise ModelCardError(f"{source}: field '{key}' is missing; expected {expected}.")
-        if not check(card[key]):
-            raise ModelCardError(f"{source}: field '{key}' has a wrong value; expected {expected}.")
-    if card["kind"] == "slams" and card["autoencoder"] is None:
+    if isinstance(card, dict) and card.get("kind") not in ASSIMILATION_KINDS:
         raise ModelCardError(
-            f"{source}: kind 'slams' needs the field 'autoencoder' (the latent autoencoder)."
+            f"{source}: model '{card.get('name')}' has kind {card.get('kind')!r}; assimilation needs a "
+            "'slams' or 'sda' model (train one with xdownscale.models.assimilation.train_assimilation)."
         )
-    if require_sha256 and not (isinstance(card.get("sha256"), str) and len(card["sha256"]) == 64):
-        raise ModelCardError(f"{source}: field 'sha256' is missing; expected the sha256 of the weights file.")
+    validate_card(card, source=source, require_sha256=require_sha256)
+    info = card["assimilation"]
+    for key in ("window", "eta", "background_std", "offset", "scale"):
+        if not isinstance(info.get(key), (int, float)) or isinstance(info.get(key), bool):
+            raise ModelCardError(f"{source}: field 'assimilation.{key}' is missing or not a number.")
+    ae = card.get("autoencoder")
+    if card["kind"] == "slams" and not (isinstance(ae, dict) and isinstance(ae.get("config"), dict)):
+        raise ModelCardError(
+            f"{source}: kind 'slams' needs the field 'autoencoder' "
+            "({'class': 'Autoencoder', 'config': ...})."
+        )
     return card
 
 
@@ -289,11 +258,6 @@ def load_assimilation_model(name_or_path: Any, *, device: str | torch.device = "
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelCardError(f"{card_path}: the model card is not valid JSON ({err}).") from err
-    if isinstance(card, dict) and card.get("kind") not in ASSIMILATION_KINDS:
-        raise ModelCardError(
-            f"{card_path}: model '{card.get('name')}' has kind {card.get('kind')!r}; assimilation needs a "
-            "'slams' or 'sda' model (train one with xdownscale.models.assimilation.train_assimilation)."
-        )
     validate_assimilation_card(card, source=str(card_path))
     weights = card_path.with_suffix(".safetensors")
     digest = sha256_file(weights)

@@ -50,6 +50,7 @@ import numpy as np
 from ..errors import ModelCardError
 
 __all__ = [
+    "ASSIMILATION_KINDS",
     "CARD_FORMAT",
     "KINDS",
     "MASK_KEY",
@@ -62,8 +63,13 @@ __all__ = [
 ]
 
 CARD_FORMAT = "xdownscale-model-card/1"
-#: model kinds this version can load; "slams" / "sda" are to follow
+#: downscaling model kinds (xdownscale.train / load_model)
 KINDS = ("cm", "sde")
+#: data-assimilation model kinds (xdownscale.models.assimilation): no sigma range, target PSD or
+#: reference quantiles; an "assimilation" dict instead
+ASSIMILATION_KINDS = ("slams", "sda")
+_NOT_FOR_ASSIMILATION = ("sigma", "target_psd", "reference_quantiles")
+_ALL_KINDS = KINDS + ASSIMILATION_KINDS
 #: what a variable is (as told by xdownscale.xr.units.quantity_kind)
 QUANTITY_KINDS = ("precipitation", "temperature", "other")
 NETWORK_PREFIX = "network."
@@ -114,7 +120,7 @@ _FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("format", lambda v: v == CARD_FORMAT, f"the string {CARD_FORMAT!r}"),
     ("name", _is_str, "a non-empty string"),
     ("version", _is_str, "a non-empty string such as '0.1.0'"),
-    ("kind", lambda v: v in KINDS, f"one of {', '.join(map(repr, KINDS))}"),
+    ("kind", lambda v: v in _ALL_KINDS, f"one of {', '.join(map(repr, _ALL_KINDS))}"),
     ("architecture", _is_dict, "a dict with 'class' and 'config'"),
     ("architecture.class", lambda v: v == "UNet", "'UNet'"),
     ("architecture.config", _is_dict, "a dict of UNet constructor arguments"),
@@ -189,6 +195,10 @@ def validate_card(card: Any, *, source: str = "model card", require_sha256: bool
     if not isinstance(card, dict):
         raise ModelCardError(f"{source}: a model card must be a JSON object, got {type(card).__name__}.")
     fields = list(_FIELDS)
+    assimilation = card.get("kind") in ASSIMILATION_KINDS
+    if assimilation:
+        fields = [f for f in fields if f[0].split(".")[0] not in _NOT_FOR_ASSIMILATION]
+        fields.append(("assimilation", _is_dict, "a dict with window, eta and background_std"))
     if require_sha256:
         fields.append(
             (
@@ -208,7 +218,7 @@ def validate_card(card: Any, *, source: str = "model card", require_sha256: bool
             raise ModelCardError(
                 f"{source}: field '{dotted}' has the wrong value {_short(value)}; expected {expected}."
             )
-    if card["sigma"]["max"] <= card["sigma"]["min"]:
+    if not assimilation and card["sigma"]["max"] <= card["sigma"]["min"]:
         raise ModelCardError(
             f"{source}: field 'sigma.max' ({card['sigma']['max']}) must be larger than "
             f"'sigma.min' ({card['sigma']['min']})."
@@ -227,13 +237,13 @@ def validate_card(card: Any, *, source: str = "model card", require_sha256: bool
             raise ModelCardError(
                 f"{source}: field 'grid.coords.{name}' must be a dict with 'dims', 'values' and 'attrs'."
             )
-    psd = card["target_psd"]
+    psd = card.get("target_psd") or {"wavenumber": [], "psd": []}
     if len(psd["wavenumber"]) != len(psd["psd"]):
         raise ModelCardError(
             f"{source}: fields 'target_psd.wavenumber' ({len(psd['wavenumber'])} values) and "
             f"'target_psd.psd' ({len(psd['psd'])} values) must have the same length."
         )
-    rq = card["reference_quantiles"]
+    rq = card.get("reference_quantiles")
     if rq is not None:
         if rq.get("key") != QUANTILES_KEY:
             raise ModelCardError(
