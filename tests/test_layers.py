@@ -55,3 +55,10 @@ def test_import_is_cheap_and_registers_accessor() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import xdownscale imported heavy modules: {out.stdout.strip()}"
+
+
+def test_public_names_resolve() -> None:
+    import xdownscale
+
+    for name in xdownscale.__all__:
+        assert getattr(xdownscale, name) is not None, name

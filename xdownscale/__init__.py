@@ -43,7 +43,31 @@ _LAZY = {
 }
 _SUBMODULES = {"transforms", "metrics", "datasets", "models", "api", "cli"}
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "errors", "__version__"])
+__all__ = [
+    "QDM",
+    "Regridder",
+    "Scale",
+    "__version__",
+    "api",
+    "apply_qdm",
+    "cli",
+    "convert_units",
+    "datasets",
+    "downscale",
+    "errors",
+    "list_models",
+    "load_model",
+    "lowpass",
+    "metrics",
+    "models",
+    "prepare",
+    "psd",
+    "regrid",
+    "select_scale",
+    "train",
+    "transforms",
+    "upscale",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import api, datasets, metrics, models, transforms

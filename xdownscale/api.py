@@ -26,6 +26,7 @@ member), so the result does not depend on chunking, batch size or the number of 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -34,13 +35,18 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import ChunkingError, GridMismatchError, InputError, PerformanceWarning
+from .errors import ChunkingError, GridMismatchError, InputError, PerformanceWarning, XDownscaleWarning
 from .xr.cf import Grid, find_grid, find_time, grid_extent, grid_spacing_km, standard_layout
 
-__all__ = ["downscale", "prepare", "select_scale", "resolve_scale", "METHODS"]
+__all__ = ["METHODS", "downscale", "prepare", "resolve_scale", "select_scale"]
 
 METHODS = ("cm", "sde")
 DEFAULT_STEPS = {"cm": 1, "sde": 500}
+#: attribute of prepared fields: the input grid's Nyquist wavenumber in cycles per model grid cell
+INPUT_WAVENUMBER_ATTR = "xdownscale_input_wavenumber"
+#: precipitation below this (in the model's units, mm/day) counts as a dry day in QDM: such values are
+#: jittered before fitting/adjusting and set back to 0 afterwards
+DRY_DAY_THRESHOLD = 0.05
 MAX_FIELD_BYTES = 2**31  # one horizontal field larger than this cannot be made a single chunk
 
 
@@ -71,7 +77,7 @@ def _time_step_days(da: xr.DataArray, time: str) -> float | None:
     if np.issubdtype(values.dtype, np.datetime64):
         steps = np.diff(values).astype("timedelta64[s]").astype(float)
     else:
-        steps = np.array([(b - a).total_seconds() for a, b in zip(values[:-1], values[1:])])
+        steps = np.array([(b - a).total_seconds() for a, b in itertools.pairwise(values)])
     return float(np.median(steps)) / 86400.0
 
 
@@ -79,8 +85,10 @@ def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, 
     if isinstance(da, xr.Dataset):
         names = list(da.data_vars)
         raise InputError(
-            f"downscale needs a DataArray, got a Dataset with variables {names}. Select one, e.g. ds['{names[0]}']."
-            if names else "downscale needs a DataArray, got an empty Dataset."
+            f"downscale needs a DataArray, got a Dataset with variables {names}. "
+            f"Select one, e.g. ds['{names[0]}']."
+            if names
+            else "downscale needs a DataArray, got an empty Dataset."
         )
     if not isinstance(da, xr.DataArray):
         raise InputError(f"downscale needs an xarray.DataArray, got {type(da).__name__}.")
@@ -102,7 +110,7 @@ def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, 
 
 
 def _rechunk_horizontal(da: xr.DataArray, grid: Grid) -> xr.DataArray:
-    chunks = dict(zip(da.dims, da.chunks or ()))
+    chunks = dict(zip(da.dims, da.chunks or (), strict=False))
     if all(len(chunks[d]) == 1 for d in grid.dims):
         return da
     field_bytes = da.sizes[grid.ydim] * da.sizes[grid.xdim] * da.dtype.itemsize
@@ -151,13 +159,16 @@ def _cut_and_pad(da: xr.DataArray, grid: Grid, target: xr.Dataset) -> xr.DataArr
             and tlon[1] <= slon[1] + dx + 1e-6
         )
     else:
-        covered = text["lat_min"] >= sext["lat_min"] - dy - 1e-6 and text["lat_max"] <= sext["lat_max"] + dy + 1e-6
+        covered = (
+            text["lat_min"] >= sext["lat_min"] - dy - 1e-6 and text["lat_max"] <= sext["lat_max"] + dy + 1e-6
+        )
         tlon = (text["lon_min"], text["lon_max"])
     if not covered:
         raise GridMismatchError(
             f"{_label(da)} covers lat {sext['lat_min']:.2f}..{sext['lat_max']:.2f}, lon "
             f"{sext['lon_min']:.2f}..{sext['lon_max']:.2f}; the model grid needs lat {text['lat_min']:.2f}.."
-            f"{text['lat_max']:.2f}, lon {text['lon_min']:.2f}..{text['lon_max']:.2f} (within one input cell). "
+            f"{text['lat_max']:.2f}, lon {text['lon_min']:.2f}..{text['lon_max']:.2f} "
+            "(within one input cell). "
             "Pass an input that covers the model's domain."
         )
     if grid.curvilinear or grid.periodic:
@@ -181,7 +192,10 @@ def _pad_edges(da: xr.DataArray, grid: Grid) -> xr.DataArray:
         if name == grid.lat:
             ext = np.clip(ext, -90.0, 90.0)
         coords[name] = (dim, ext, da[name].attrs)
-    return padded.assign_coords(coords)
+    padded = padded.assign_coords(coords)
+    if padded.chunks is not None:  # dask puts the padding into chunks of its own
+        padded = padded.chunk({grid.ydim: -1, grid.xdim: -1})
+    return padded
 
 
 def _degree_spacing(da: xr.DataArray, grid: Grid) -> tuple[float, float]:
@@ -195,15 +209,18 @@ def _degree_spacing(da: xr.DataArray, grid: Grid) -> tuple[float, float]:
     return dy, dx
 
 
-def _to_model_grid(da: xr.DataArray, grid: Grid, model: Any, *, regrid: str, lowpass: bool,
-                   units: str | None) -> xr.DataArray:
+def _to_model_grid(
+    da: xr.DataArray, grid: Grid, model: Any, *, regrid: str, lowpass: bool, units: str | None
+) -> xr.DataArray:
     """Steps 1-3: model units, cut, regrid, low-pass. Returns (time, lat, lon) on the model grid."""
     from .xr.regrid import regrid as regrid_to
     from .xr.spectra import lowpass as lowpass_filter
     from .xr.units import convert_units
 
     coarse_km = float(np.sqrt(np.prod(grid_spacing_km(da, grid))))
-    da = convert_units(da, model.variable["units"], units=units)
+    # float64 inside the pipeline: matrix products of different shapes (chunk sizes) then round to the
+    # same float32 values, so results do not depend on chunking
+    da = convert_units(da.astype(np.float64), model.variable["units"], units=units)
     da = _cut_and_pad(da, grid, model.grid)
     fine = regrid_to(da, model.grid, method=regrid)
     fine_grid = find_grid(model.grid)
@@ -213,11 +230,21 @@ def _to_model_grid(da: xr.DataArray, grid: Grid, model: Any, *, regrid: str, low
         fine = lowpass_filter(fine, cutoff)
         if model.variable["kind"] == "precipitation":
             fine = fine.clip(min=0.0)
+    fine.attrs[INPUT_WAVENUMBER_ATTR] = float(min(cutoff, 0.5))
     return fine
 
 
-def _apply_qdm(fine: xr.DataArray, model: Any, *, qdm: Any, hist: Any, regrid: str,
-               lowpass: bool, units: str | None, qdm_kwargs: dict[str, Any]) -> xr.DataArray:
+def _apply_qdm(
+    fine: xr.DataArray,
+    model: Any,
+    *,
+    qdm: Any,
+    hist: Any,
+    regrid: str,
+    lowpass: bool,
+    units: str | None,
+    qdm_kwargs: dict[str, Any],
+) -> xr.DataArray:
     from .xr.qdm import QDM
 
     if isinstance(qdm, QDM):
@@ -236,13 +263,16 @@ def _apply_qdm(fine: xr.DataArray, model: Any, *, qdm: Any, hist: Any, regrid: s
             )
     elif isinstance(hist, xr.DataArray):
         hist_checked, hist_grid, _ = _check_input(hist, model, units)
-        hist_fine = _to_model_grid(hist_checked, hist_grid, model, regrid=regrid, lowpass=lowpass, units=units)
+        hist_fine = _to_model_grid(
+            hist_checked, hist_grid, model, regrid=regrid, lowpass=lowpass, units=units
+        )
     else:
         raise InputError(f"hist={hist!r}: expected a time slice (e.g. slice('1983', '2002')) or a DataArray.")
     ref = qdm_kwargs.pop("ref", None)
-    kind = qdm_kwargs.pop("kind", "*" if model.variable["kind"] == "precipitation" else "+")
+    qdm_kwargs = qdm_defaults(model, qdm_kwargs)
+    kind = qdm_kwargs.pop("kind")
     if ref is not None:
-        ref_checked, ref_grid, _ = _check_input(ref, model, None)
+        ref_checked, _ref_grid, _ = _check_input(ref, model, None)
         from .xr.units import convert_units
 
         ref_fine = convert_units(ref_checked, model.variable["units"])
@@ -255,6 +285,17 @@ def _apply_qdm(fine: xr.DataArray, model: Any, *, qdm: Any, hist: Any, regrid: s
             )
         fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, kind=kind, **qdm_kwargs)
     return fitted.adjust(fine)
+
+
+def qdm_defaults(model: Any, qdm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """QDM settings for a model's variable: multiplicative with dry days jittered under
+    :data:`DRY_DAY_THRESHOLD` (model units) for precipitation, additive otherwise; ``qdm_kwargs`` wins."""
+    out = dict(qdm_kwargs or {})
+    precipitation = model.variable["kind"] == "precipitation"
+    out.setdefault("kind", "*" if precipitation else "+")
+    if out["kind"] == "*":
+        out.setdefault("jitter_under", DRY_DAY_THRESHOLD)
+    return out
 
 
 def _mask(model: Any) -> xr.DataArray:
@@ -302,15 +343,32 @@ def prepare(
     model = _load(model)
     da, grid, _ = _check_input(da, model, units)
     fine = _to_model_grid(da, grid, model, regrid=regrid, lowpass=lowpass, units=units)
+    input_wavenumber = fine.attrs[INPUT_WAVENUMBER_ATTR]
     if qdm is not False and qdm is not None:
-        fine = _apply_qdm(fine, model, qdm=qdm, hist=hist, regrid=regrid, lowpass=lowpass, units=units,
-                          qdm_kwargs=dict(qdm_kwargs or {}))
+        chunks = fine.chunksizes.get(find_time(fine)) if fine.chunks is not None else None
+        fine = _apply_qdm(
+            fine,
+            model,
+            qdm=qdm,
+            hist=hist,
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            qdm_kwargs=dict(qdm_kwargs or {}),
+        )
+        if chunks is not None:  # QDM needs time in one chunk; give the caller's time chunks back
+            fine = fine.chunk({find_time(fine): chunks})
     fine = fine.where(_mask(model))
     if transform:
         attrs = fine.attrs
         fine = model.transform.forward(fine)
-        fine.attrs = {**attrs, "units": "1", "long_name": f"{model.variable['name']} in the model's transformed space"}
-    return fine
+        fine.attrs = {
+            **attrs,
+            "units": "1",
+            "long_name": f"{model.variable['name']} in the model's transformed space",
+        }
+    fine.attrs[INPUT_WAVENUMBER_ATTR] = input_wavenumber
+    return fine.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,25 +388,51 @@ def _input_psd(transformed: xr.DataArray, sample: int) -> xr.DataArray:
     return psd(subset).mean(time)
 
 
-def resolve_scale(scale: Any, model: Any, transformed: xr.DataArray | None = None, *, sample: int = 365) -> Any:
+def resolve_scale(
+    scale: Any, model: Any, transformed: xr.DataArray | None = None, *, sample: int = 365
+) -> Any:
     """Turn ``scale`` ("auto", "150 km", a wavenumber, or a :class:`xdownscale.Scale`) into a Scale with
     sigma, using the model's target spectrum. "auto" needs ``transformed`` (the prepared input)."""
     from .xr.spectra import Scale
-    from .xr.spectra import select_scale as select_crossing
 
     if isinstance(scale, str) and scale.strip().lower() == "auto":
         if transformed is None:
             raise InputError("scale='auto' needs the prepared input to compare spectra.")
-        return select_crossing(model.target_psd, _input_psd(transformed, sample).compute())
+        spectrum = _input_psd(transformed, sample).compute()
+        return _auto_scale(model, spectrum, transformed.attrs.get(INPUT_WAVENUMBER_ATTR))
     if isinstance(scale, Scale):
         return scale if scale.sigma is not None else scale.with_psd(model.target_psd)
     return Scale.parse(scale, psd=model.target_psd)
 
 
+def _auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | None) -> Any:
+    """The crossing of the input's and the model's spectra; where they do not cross (e.g. the input's
+    spectrum lies below the target's at every scale), the input's own resolution, with a warning."""
+    from .xr.spectra import Scale
+    from .xr.spectra import select_scale as select_crossing
+
+    try:
+        return select_crossing(model.target_psd, spectrum)
+    except InputError as err:
+        if input_wavenumber is None:
+            raise
+        fallback = Scale.from_wavenumber(float(input_wavenumber), psd=model.target_psd)
+        warnings.warn(
+            f"scale='auto': the spectra of the input and of model '{model.name}' do not cross ({err}) "
+            f"Using the input's own resolution instead: {fallback}. Pass scale= to choose another.",
+            XDownscaleWarning,
+            stacklevel=3,
+        )
+        return fallback
+
+
 def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: Any) -> Any:
-    """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da``: the wavenumber where the
-    mean spectrum of the prepared input (at most ``sample`` evenly spaced time steps) falls below the
-    model's target spectrum, and the noise level sigma(t*) for it."""
+    """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da``.
+
+    That is the wavenumber where the mean spectrum of the prepared input (at most ``sample`` evenly
+    spaced time steps, after QDM when ``qdm=True``) falls below the model's target spectrum, with the
+    noise level sigma(t*) for it (Hess et al. 2024, Eq. 8). Where the two spectra do not cross, it is
+    the input's own resolution (its grid's Nyquist wavenumber on the model grid), with a warning."""
     model = _load(model)
     transformed = prepare(da, model=model, **kwargs)
     return resolve_scale("auto", model, transformed, sample=sample)
@@ -358,12 +442,12 @@ def _lazy_sigma(transformed: xr.DataArray, model: Any, sample: int) -> Any:
     import dask
     import dask.array as dsa
 
-    from .xr.spectra import select_scale as select_crossing
-
     spectrum = _input_psd(transformed, sample)
 
+    cutoff = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
+
     def sigma_of(values: np.ndarray) -> np.ndarray:
-        fitted = select_crossing(model.target_psd, spectrum.copy(data=values))
+        fitted = _auto_scale(model, spectrum.copy(data=values), cutoff)
         return np.asarray(fitted.sigma, dtype=np.float64)
 
     delayed = dask.delayed(sigma_of, pure=True)(spectrum.data)
@@ -467,8 +551,16 @@ def downscale(
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
     source_units = units if units is not None else getattr(da, "attrs", {}).get("units")
-    transformed = prepare(da, model=model, regrid=regrid, lowpass=lowpass, qdm=qdm, hist=hist, units=units,
-                          qdm_kwargs=qdm_kwargs)
+    transformed = prepare(
+        da,
+        model=model,
+        regrid=regrid,
+        lowpass=lowpass,
+        qdm=qdm,
+        hist=hist,
+        units=units,
+        qdm_kwargs=qdm_kwargs,
+    )
     time = find_time(transformed)
     lazy = transformed.chunks is not None
     if lazy and isinstance(scale, str) and scale.strip().lower() == "auto":
@@ -482,8 +574,20 @@ def downscale(
                 f"scale {chosen} needs noise sigma={sigma:.4g}, outside the model's range "
                 f"[{model.sigma_min}, {model.sigma_max}]. Pick a larger or smaller scale."
             )
-    values = _denoise(transformed, model, method=method, sigma=sigma, steps=steps, seed=seed, members=members,
-                      device=str(dev), batch_size=batch_size, precision=precision, progress=progress, time=time)
+    values = _denoise(
+        transformed,
+        model,
+        method=method,
+        sigma=sigma,
+        steps=steps,
+        seed=seed,
+        members=members,
+        device=str(dev),
+        batch_size=batch_size,
+        precision=precision,
+        progress=progress,
+        time=time,
+    )
     out = model.transform.inverse(values)
     out = out.where(_mask(model))
     out.attrs = {}
@@ -495,41 +599,87 @@ def downscale(
     if members == 1 and not member_dim:
         out = out.isel(member=0, drop=True)
     out.name = da.name
-    out.attrs.update(_output_attrs(da, model, method=method, scale=chosen, scale_arg=scale, steps=steps, seed=seed,
-                                   members=members, qdm=qdm))
+    out.attrs.update(
+        _output_attrs(
+            da,
+            model,
+            method=method,
+            scale=chosen,
+            scale_arg=scale,
+            steps=steps,
+            seed=seed,
+            members=members,
+            qdm=qdm,
+        )
+    )
     return out
 
 
-def _denoise(transformed: xr.DataArray, model: Any, *, method: str, sigma: Any, steps: int, seed: int,
-             members: int, device: str, batch_size: int, precision: str, progress: bool | None,
-             time: str) -> xr.DataArray:
+def _denoise(
+    transformed: xr.DataArray,
+    model: Any,
+    *,
+    method: str,
+    sigma: Any,
+    steps: int,
+    seed: int,
+    members: int,
+    device: str,
+    batch_size: int,
+    precision: str,
+    progress: bool | None,
+    time: str,
+) -> xr.DataArray:
     from .models.inference import denoise_block, time_keys
 
     fgrid = find_grid(transformed)
     transformed = transformed.transpose(time, fgrid.ydim, fgrid.xdim)
     keys = time_keys(transformed[time].values)
-    kwargs = dict(model_path=str(model.path), sha256=model.sha256, method=method, steps=steps, seed=seed,
-                  members=members, device=device, batch_size=batch_size, precision=precision)
+    kwargs = dict(
+        model_path=str(model.path),
+        sha256=model.sha256,
+        method=method,
+        steps=steps,
+        seed=seed,
+        members=members,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+    )
     if transformed.chunks is None:
         show = True if progress is None else progress
         from tqdm.auto import tqdm
 
-        with tqdm(total=transformed.sizes[time] * members, disable=not show, desc=f"downscale.{method}",
-                  unit="field") as bar:
-            data = denoise_block(np.asarray(transformed.values, dtype=np.float32), keys, sigma=float(sigma),
-                                 progress=bar.update, **kwargs)
+        with tqdm(
+            total=transformed.sizes[time] * members,
+            disable=not show,
+            desc=f"downscale.{method}",
+            unit="field",
+        ) as bar:
+            data = denoise_block(
+                np.asarray(transformed.values, dtype=np.float32),
+                keys,
+                sigma=float(sigma),
+                progress=bar.update,
+                **kwargs,
+            )
     else:
         import dask.array as dsa
 
         x = transformed.data.astype(np.float32)
         key_arr = dsa.from_array(keys, chunks=(x.chunks[0],))
-        sigma_arr = sigma if isinstance(sigma, dsa.Array) else dsa.from_array(np.asarray(sigma, dtype=np.float64))
+        sigma_arr = (
+            sigma if isinstance(sigma, dsa.Array) else dsa.from_array(np.asarray(sigma, dtype=np.float64))
+        )
 
         def block(xb: np.ndarray, kb: np.ndarray, sb: np.ndarray) -> np.ndarray:
-            return denoise_block(xb, kb, sigma=float(sb), **kwargs)
+            return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
 
         data = dsa.map_blocks(
-            block, x, key_arr[:, None, None], sigma_arr,
+            block,
+            x,
+            key_arr[:, None, None],
+            sigma_arr,
             new_axis=1,
             chunks=(x.chunks[0], (members,), x.chunks[1], x.chunks[2]),
             dtype=np.float32,
@@ -542,8 +692,18 @@ def _denoise(transformed: xr.DataArray, model: Any, *, method: str, sigma: Any, 
     return xr.DataArray(data, dims=dims, coords=coords)
 
 
-def _output_attrs(da: xr.DataArray, model: Any, *, method: str, scale: Any, scale_arg: Any, steps: int, seed: int,
-                  members: int, qdm: Any) -> dict[str, Any]:
+def _output_attrs(
+    da: xr.DataArray,
+    model: Any,
+    *,
+    method: str,
+    scale: Any,
+    scale_arg: Any,
+    steps: int,
+    seed: int,
+    members: int,
+    qdm: Any,
+) -> dict[str, Any]:
     from . import __version__
 
     attrs: dict[str, Any] = {}
@@ -556,9 +716,13 @@ def _output_attrs(da: xr.DataArray, model: Any, *, method: str, scale: Any, scal
         attrs["downscale_scale_wavenumber"] = float(scale.wavenumber)
         attrs["downscale_scale_km"] = float(scale.wavelength_km)
         attrs["downscale_scale_sigma"] = float(scale.sigma)
-        scale_text = f"{scale.wavelength_km:.0f} km (wavenumber {scale.wavenumber:.4f}, sigma {scale.sigma:.4f})"
+        scale_text = (
+            f"{scale.wavelength_km:.0f} km (wavenumber {scale.wavenumber:.4f}, sigma {scale.sigma:.4f})"
+        )
     else:
-        scale_text = f"{scale_arg} (selected lazily at compute time; see da.downscale.select_scale(model=...))"
+        scale_text = (
+            f"{scale_arg} (selected lazily at compute time; see da.downscale.select_scale(model=...))"
+        )
     attrs["downscale_scale"] = scale_text
     attrs["downscale_model"] = model.name
     attrs["downscale_model_version"] = str(model.version)
@@ -574,6 +738,7 @@ def _output_attrs(da: xr.DataArray, model: Any, *, method: str, scale: Any, scal
     )
     previous = da.attrs.get("history")
     attrs["history"] = f"{previous}\n{entry}" if previous else entry
-    attrs["downscale_config"] = json.dumps({"method": method, "steps": steps, "members": members, "seed": seed})
+    attrs["downscale_config"] = json.dumps(
+        {"method": method, "steps": steps, "members": members, "seed": seed}
+    )
     return attrs
-

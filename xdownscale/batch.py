@@ -25,7 +25,7 @@ import xarray as xr
 
 from .errors import InputError
 
-__all__ = ["open_input", "downscale_to_store"]
+__all__ = ["downscale_to_store", "open_input"]
 
 PROGRESS_ATTR = "xdownscale_done_blocks"
 JOB_ATTR = "xdownscale_job"
@@ -47,7 +47,8 @@ def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) 
         ds = xr.open_mfdataset([str(p) for p in paths], combine="by_coords", chunks={})
     if variable not in ds.data_vars:
         raise InputError(
-            f"Variable '{variable}' is not in {', '.join(map(str, paths))}; it holds {sorted(map(str, ds.data_vars))}. "
+            f"Variable '{variable}' is not in {', '.join(map(str, paths))}; "
+            f"it holds {sorted(map(str, ds.data_vars))}. "
             "Pass --variable with one of those."
         )
     da = ds[variable]
@@ -61,9 +62,15 @@ def _fingerprint(da: xr.DataArray, **config: Any) -> str:
     time = find_time(da)
     t = da[time].values
     return json.dumps(
-        {"shape": list(da.shape), "dims": list(map(str, da.dims)), "first": str(t[0]), "last": str(t[-1]),
-         **config},
-        sort_keys=True, default=str,
+        {
+            "shape": list(da.shape),
+            "dims": list(map(str, da.dims)),
+            "first": str(t[0]),
+            "last": str(t[-1]),
+            **config,
+        },
+        sort_keys=True,
+        default=str,
     )
 
 
@@ -111,7 +118,7 @@ def downscale_to_store(
     Path
         The output path.
     """
-    from .api import _load, downscale, prepare, resolve_scale
+    from .api import _load, downscale, prepare, qdm_defaults, resolve_scale
     from .xr.cf import find_time
     from .xr.qdm import QDM
 
@@ -122,23 +129,51 @@ def downscale_to_store(
     time = find_time(da)
     fitted = None
     if qdm_hist is not None:
-        hist_fine = prepare(da.sel({time: qdm_hist}), model=model, transform=False,
-                            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")})
+        hist_fine = prepare(
+            da.sel({time: qdm_hist}),
+            model=model,
+            transform=False,
+            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+        )
         if hist_fine.sizes[time] == 0:
-            raise InputError(f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input.")
-        kind = "*" if model.variable["kind"] == "precipitation" else "+"
-        fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, kind=kind)
+            raise InputError(
+                f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
+            )
+        fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, **qdm_defaults(model))
         fitted = QDM.from_dataset(fitted.to_dataset().compute())
     chosen = scale
     if isinstance(scale, str) and scale.strip().lower() == "auto":
-        transformed = prepare(da, model=model, qdm=fitted if fitted is not None else False,
-                              **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")})
+        transformed = prepare(
+            da,
+            model=model,
+            qdm=fitted if fitted is not None else False,
+            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+        )
         chosen = resolve_scale("auto", model, transformed)
-    config = dict(model=model.name, sha256=model.sha256, method=method, scale=str(chosen), members=members,
-                  seed=seed, steps=steps, qdm_hist=str(qdm_hist), block=block)
+    config = dict(
+        model=model.name,
+        sha256=model.sha256,
+        method=method,
+        scale=str(chosen),
+        members=members,
+        seed=seed,
+        steps=steps,
+        qdm_hist=str(qdm_hist),
+        block=block,
+    )
     fingerprint = _fingerprint(da, **config)
-    result = downscale(da, model=model, method=method, scale=chosen, members=members, seed=seed, steps=steps,
-                       qdm=fitted if fitted is not None else False, progress=False, **kwargs)
+    result = downscale(
+        da,
+        model=model,
+        method=method,
+        scale=chosen,
+        members=members,
+        seed=seed,
+        steps=steps,
+        qdm=fitted if fitted is not None else False,
+        progress=False,
+        **kwargs,
+    )
     result.attrs["history"] = result.attrs.get("history", "").split("\n")[-1]
     if out.suffix == ".nc":
         if out.exists() and not resume:
@@ -146,8 +181,16 @@ def downscale_to_store(
         if out.exists():
             return out
         return _write_netcdf(result, out, scheduler, progress)
-    return _write_zarr(result, out, fingerprint=fingerprint, time=time, block=block, resume=resume,
-                       scheduler=scheduler, progress=progress)
+    return _write_zarr(
+        result,
+        out,
+        fingerprint=fingerprint,
+        time=time,
+        block=block,
+        resume=resume,
+        scheduler=scheduler,
+        progress=progress,
+    )
 
 
 def _client(scheduler: str | None) -> Any:
@@ -171,8 +214,17 @@ def _write_netcdf(result: xr.DataArray, out: Path, scheduler: str | None, progre
     return out
 
 
-def _write_zarr(result: xr.DataArray, out: Path, *, fingerprint: str, time: str, block: int, resume: bool,
-                scheduler: str | None, progress: bool) -> Path:
+def _write_zarr(
+    result: xr.DataArray,
+    out: Path,
+    *,
+    fingerprint: str,
+    time: str,
+    block: int,
+    resume: bool,
+    scheduler: str | None,
+    progress: bool,
+) -> Path:
     import zarr
     from tqdm.auto import tqdm
 
@@ -186,11 +238,14 @@ def _write_zarr(result: xr.DataArray, out: Path, *, fingerprint: str, time: str,
     done: set[int] = set()
     if out.exists():
         if not resume:
-            raise InputError(f"{out} exists. Pass --resume to continue that job, or remove it to start again.")
+            raise InputError(
+                f"{out} exists. Pass --resume to continue that job, or remove it to start again."
+            )
         attrs = dict(zarr.open_group(str(out), mode="r").attrs)
         if attrs.get(JOB_ATTR) != fingerprint:
             raise InputError(
-                f"{out} was written by a different job (other input, model or settings); --resume only continues "
+                f"{out} was written by a different job (other input, model or settings); "
+                "--resume only continues "
                 "the same job. Remove the store or choose another --out."
             )
         done = set(attrs.get(PROGRESS_ATTR, []))
@@ -207,16 +262,21 @@ def _write_zarr(result: xr.DataArray, out: Path, *, fingerprint: str, time: str,
     group = zarr.open_group(str(out), mode="r+")
     window = max(1, sum(client.nthreads().values())) if client is not None else 1
     try:
-        with tqdm(total=len(starts), initial=len(starts) - len(todo), disable=not progress, desc="blocks",
-                  unit="block") as bar:
+        with tqdm(
+            total=len(starts),
+            initial=len(starts) - len(todo),
+            disable=not progress,
+            desc="blocks",
+            unit="block",
+        ) as bar:
             for first in range(0, len(todo), window):
-                batch = todo[first:first + window]
+                batch = todo[first : first + window]
                 pieces = [ds.isel({time: slice(starts[i], min(starts[i] + block, ntime))}) for i in batch]
                 if client is not None:
                     computed = client.gather(client.compute(pieces))
                 else:
                     computed = [p.compute() for p in pieces]
-                for i, piece in zip(batch, computed):
+                for i, piece in zip(batch, computed, strict=False):
                     region = {time: slice(starts[i], min(starts[i] + block, ntime))}
                     piece = piece.drop_vars([v for v in piece.coords if time not in piece[v].dims])
                     piece.attrs = {}
@@ -238,5 +298,3 @@ def parse_period(text: str | None) -> slice | None:
     if len(parts) != 2 or not all(parts):
         raise InputError(f"Period {text!r}: expected START/END, e.g. 1983/2002 or 1983-12/2002-02.")
     return slice(parts[0], parts[1])
-
-

@@ -79,6 +79,13 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
 @click.option("--units", default=None, help="Override the units attribute of the data, e.g. mm/day.")
+@click.option(
+    "--eps",
+    default=1e-4,
+    show_default=True,
+    type=float,
+    help="Offset of the log transform for precipitation, in mm/day.",
+)
 @click.option("--licence", default=None, help="Licence / terms of use of the training data, for the card.")
 @click.option("--fp16", is_flag=True, help="Store the shipped weights as float16 (half the file size).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -97,6 +104,94 @@ def train(kind: str, data: tuple[str, ...], **options: Any) -> None:
     except XDownscaleError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"Model written to {path} (card: {path.with_suffix('.json')})")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--variable", "-v", required=True, help="Variable to downscale (e.g. pr).")
+@click.option("--model", "-m", required=True, help="Model name (see 'xdownscale models') or path.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=True),
+    help="Output: OUT.zarr (written block by block, resumable) or OUT.nc (small jobs).",
+)
+@click.option("--method", default="cm", show_default=True, type=click.Choice(["cm", "sde"]))
+@click.option(
+    "--scale",
+    default="auto",
+    show_default=True,
+    help="'auto', a length such as '150 km', or a wavenumber in cycles per grid cell.",
+)
+@click.option("--members", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Network calls per field (default: 1 for cm, 500 for sde).",
+)
+@click.option(
+    "--qdm-hist",
+    default=None,
+    help="Bias-correct with QDM fitted on this period of the input, START/END (e.g. 1983/2002).",
+)
+@click.option(
+    "--regrid", default="bilinear", show_default=True, type=click.Choice(["bilinear", "conservative"])
+)
+@click.option("--units", default=None, help="Override the units attribute of the input, e.g. 'kg m-2 s-1'.")
+@click.option(
+    "--block",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Time steps computed and written together.",
+)
+@click.option(
+    "--scheduler", default=None, help="Address of a dask.distributed scheduler, e.g. tcp://host:8786."
+)
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Fields per network call.")
+@click.option("--resume", is_flag=True, help="Continue a job whose output exists, skipping finished blocks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def downscale(
+    inputs: tuple[str, ...],
+    variable: str,
+    model: str,
+    out: str,
+    qdm_hist: str | None,
+    block: int,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model."""
+    from .batch import downscale_to_store, open_input, parse_period
+
+    try:
+        da = open_input(inputs, variable, chunks=block)
+        path = downscale_to_store(
+            da, out, model=model, qdm_hist=parse_period(qdm_hist), block=block, progress=not quiet, **options
+        )
+    except XDownscaleError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Downscaled '{variable}' written to {path}")
+
+
+@main.command(name="models")
+def list_shipped_models() -> None:
+    """List the models found in the weights directories."""
+    from .models import list_models
+
+    rows = list_models()
+    if not rows:
+        click.echo(
+            "No models found. Set XDOWNSCALE_WEIGHTS to a directory holding NAME.safetensors + NAME.json."
+        )
+        return
+    for row in rows:
+        shape = "x".join(str(n) for n in row["grid"])
+        click.echo(f"{row['name']:36s} {row['kind']:6s} {row['variable']:8s} {shape:8s} {row['path']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

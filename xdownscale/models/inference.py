@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,12 @@ from ..core.sde import VESDE
 from ..errors import InputError
 
 __all__ = [
+    "PRECISIONS",
     "cached_model",
     "choose_device",
     "denoise_block",
-    "time_keys",
     "set_torch_threads",
-    "PRECISIONS",
+    "time_keys",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -106,14 +107,39 @@ def time_keys(times: Sequence[Any]) -> np.ndarray:
     return out
 
 
+@contextmanager
+def _native_cpu_kernels() -> Iterator[None]:
+    with warnings.catch_warnings():  # torch warns about TF32 on Intel GPUs whenever the flag is set
+        warnings.simplefilter("ignore", UserWarning)
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flags.__exit__(None, None, None)
+
+
 def _autocast(device: torch.device, precision: str) -> Any:
+    """bfloat16 autocast, or for fp32 on the CPU the native (non-oneDNN) kernels, whose results per
+    sample do not depend on the batch size (oneDNN's GEMMs pick kernels by batch size)."""
     if precision == "fp32" or (precision == "auto" and device.type not in ("cuda", "cpu")):
+        if device.type == "cpu":
+            return _native_cpu_kernels()
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _run_batch(model: Any, method: str, x: torch.Tensor, sigma: float, steps: int, noise: Callable[[int], Any],
-               precision: str) -> torch.Tensor:
+def _run_batch(
+    model: Any,
+    method: str,
+    x: torch.Tensor,
+    sigma: float,
+    steps: int,
+    noise: Callable[[int], Any],
+    precision: str,
+) -> torch.Tensor:
     network = model.network
     with torch.no_grad(), _autocast(x.device, precision):
         if method == "cm":

@@ -1,0 +1,304 @@
+"""The call users came for: ``da.downscale.cm`` / ``.sde`` end to end on tiny trained models."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+
+import xdownscale
+from xdownscale.errors import (
+    GridMismatchError,
+    InputError,
+    MissingCoordinateError,
+    PerformanceWarning,
+    UnitError,
+)
+
+
+def _coarse(fine: xr.DataArray, factor: int = 4, units: str = "kg m-2 s-1") -> xr.DataArray:
+    """An ESM-like coarse field: block means of the fine synthetic field, in flux units."""
+    coarse = fine.fillna(float(fine.mean())).coarsen(lat=factor, lon=factor, boundary="trim").mean()
+    coarse = coarse / 86400.0 if units == "kg m-2 s-1" else coarse
+    coarse.attrs = {"units": units, "standard_name": "precipitation_flux"}
+    coarse.name = "pr"
+    for c in ("lat", "lon"):
+        coarse[c].attrs = dict(fine[c].attrs)
+    return coarse.astype("float32")
+
+
+@pytest.fixture(scope="module")
+def coarse(fine_data: xr.DataArray) -> xr.DataArray:
+    return _coarse(fine_data)
+
+
+class CountingScheduler:
+    """A dask scheduler that counts how often it is asked to compute (cf-xarray's raise_if_dask_computes)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, dsk, keys, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return dask.get(dsk, keys, **kwargs)
+
+
+def test_cm_output_dims_units_attrs(cm_model, coarse):
+    out = coarse.downscale.cm(model=cm_model.path, scale="200 km", members=2, seed=0, progress=False)
+    grid = cm_model.grid
+    assert out.dims == ("time", "member", "lat", "lon")
+    assert out.sizes["member"] == 2
+    np.testing.assert_allclose(out["lat"].values, grid["lat"].values)
+    np.testing.assert_allclose(out["lon"].values, grid["lon"].values)
+    assert out.attrs["units"] == "kg m-2 s-1"
+    assert out.name == "pr"
+    assert cm_model.sha256 in out.attrs["history"] and cm_model.name in out.attrs["history"]
+    assert out.attrs["downscale_scale_km"] > 0
+    assert out.attrs["cell_methods"]
+    mask = grid["mask"].values
+    values = out.values
+    assert np.isnan(values[..., ~mask]).all()
+    assert np.isfinite(values[..., mask]).all()
+    assert (values[..., mask] >= 0).all()
+    # members differ, fields are not constant
+    assert not np.array_equal(values[:, 0], values[:, 1])
+
+
+def test_single_member_has_no_member_dim_unless_asked(cm_model, coarse):
+    out = coarse.isel(time=slice(0, 2)).downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    assert "member" not in out.dims
+    kept = coarse.isel(time=slice(0, 2)).downscale.cm(
+        model=cm_model.path, scale="200 km", member_dim=True, progress=False
+    )
+    assert kept.dims == ("time", "member", "lat", "lon")
+    np.testing.assert_array_equal(kept.isel(member=0).values, out.values)
+
+
+def test_same_seed_same_output_for_any_chunking_and_batch(cm_model, coarse):
+    """The noise of a field depends only on (seed, time stamp, member). Where the network batches
+    line up the output is bit-identical; otherwise BLAS may round the last bit differently."""
+    x = coarse.isel(time=slice(0, 6))
+    kwargs = dict(model=cm_model.path, scale="200 km", members=2, seed=3, precision="fp32")
+    ref = x.downscale.cm(batch_size=4, progress=False, **kwargs).values
+    aligned = x.chunk({"time": 2}).downscale.cm(batch_size=4, **kwargs).values
+    np.testing.assert_array_equal(aligned, ref)
+    for chunks, batch in ((1, 1), (4, 3), (6, 12)):
+        lazy = x.chunk({"time": chunks}).downscale.cm(batch_size=batch, **kwargs)
+        np.testing.assert_allclose(lazy.values, ref, rtol=2e-6, atol=0)
+    other = x.downscale.cm(
+        model=cm_model.path, scale="200 km", members=2, seed=4, precision="fp32", progress=False
+    ).values
+    assert not np.allclose(other, ref, equal_nan=True)
+
+
+def test_a_field_does_not_depend_on_its_neighbours_in_time(cm_model, coarse):
+    whole = coarse.isel(time=slice(0, 5)).downscale.cm(
+        model=cm_model.path, scale="200 km", seed=1, precision="fp32", progress=False
+    )
+    alone = coarse.isel(time=[3]).downscale.cm(
+        model=cm_model.path, scale="200 km", seed=1, precision="fp32", progress=False
+    )
+    np.testing.assert_allclose(whole.isel(time=[3]).values, alone.values, rtol=2e-6, atol=0)
+
+
+def test_dask_in_dask_out_nothing_computed_before_compute(cm_model, coarse):
+    lazy_in = coarse.chunk({"time": 3})
+    counter = CountingScheduler()
+    with dask.config.set(scheduler=counter):
+        out = lazy_in.downscale.cm(model=cm_model.path, scale="auto", qdm=True, members=2, seed=0)
+        assert counter.calls == 0
+        assert out.chunks is not None
+        assert out.chunks[0] == lazy_in.chunks[0]
+        values = out.compute()
+        assert counter.calls >= 1
+    eager = coarse.downscale.cm(
+        model=cm_model.path, scale="auto", qdm=True, members=2, seed=0, progress=False
+    )
+    np.testing.assert_allclose(values.values, eager.values, rtol=1e-5, atol=1e-9)
+
+
+def test_scale_auto_is_what_select_scale_picks(cm_model, coarse):
+    picked = coarse.downscale.select_scale(model=cm_model.path, qdm=True)
+    assert isinstance(picked, xdownscale.Scale)
+    assert 0 < picked.wavenumber <= 0.5 and picked.sigma > 0
+    out = coarse.downscale.cm(model=cm_model.path, scale=picked, qdm=True, progress=False)
+    auto = coarse.downscale.cm(model=cm_model.path, scale="auto", qdm=True, progress=False)
+    assert auto.attrs["downscale_scale_sigma"] == pytest.approx(picked.sigma)
+    assert out.attrs["downscale_scale_sigma"] == pytest.approx(picked.sigma)
+
+
+def test_larger_scale_means_more_noise(cm_model, coarse):
+    small = xdownscale.api.resolve_scale("100 km", cm_model)
+    large = xdownscale.api.resolve_scale("400 km", cm_model)
+    assert large.sigma > small.sigma
+
+
+def test_prepare_is_the_network_input(cm_model, coarse):
+    prepared = coarse.downscale.prepare(model=cm_model.path)
+    assert prepared.dims == ("time", "lat", "lon")
+    mask = cm_model.grid["mask"].values
+    assert np.isnan(prepared.values[:, ~mask]).all()
+    assert np.nanmax(np.abs(prepared.values)) < 5
+    physical = coarse.downscale.prepare(model=cm_model.path, transform=False)
+    assert physical.attrs["units"] == cm_model.variable["units"]
+
+
+def test_qdm_with_model_quantiles_hist_period_and_fitted(cm_model, coarse):
+    wet = coarse * 3.0
+    wet.attrs = coarse.attrs
+    times = wet["time"].values
+    period = slice(str(times[0])[:10], str(times[-1])[:10])
+    plain = wet.downscale.prepare(model=cm_model.path, transform=False)
+    corrected = wet.downscale.prepare(model=cm_model.path, transform=False, qdm=True, hist=period)
+    ref_mean = float(cm_model.reference_quantiles.mean())
+    # the 3x too wet input is pulled back toward the training climatology
+    assert abs(float(corrected.mean()) - ref_mean) < abs(float(plain.mean()) - ref_mean)
+    fitted = xdownscale.QDM.from_quantiles(
+        cm_model.reference_quantiles, plain, **xdownscale.api.qdm_defaults(cm_model)
+    )
+    again = wet.downscale.prepare(model=cm_model.path, transform=False, qdm=fitted)
+    np.testing.assert_allclose(again.values, corrected.values, rtol=1e-5, equal_nan=True)
+    out = wet.isel(time=slice(0, 2)).downscale.cm(
+        model=cm_model.path, scale="200 km", qdm=True, hist=period, progress=False
+    )
+    assert "QDM" in out.attrs["history"]
+
+
+def test_sde_bridge_runs(sde_model, coarse):
+    out = coarse.isel(time=slice(0, 2)).downscale.sde(
+        model=sde_model.path, scale="200 km", steps=8, members=2, seed=0, progress=False
+    )
+    assert out.dims == ("time", "member", "lat", "lon")
+    mask = sde_model.grid["mask"].values
+    assert np.isfinite(out.values[..., mask]).all()
+
+
+def test_cftime_calendars(cm_model, coarse):
+    for calendar in ("noleap", "360_day"):
+        times = xr.date_range("2001-01-01", periods=3, freq="D", calendar=calendar, use_cftime=True)
+        x = coarse.isel(time=slice(0, 3)).assign_coords(time=times)
+        out = x.downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+        assert out.sizes["time"] == 3
+        assert np.isfinite(out.values[:, cm_model.grid["mask"].values]).all()
+
+
+def test_nan_in_input_comes_back_nan(cm_model, coarse):
+    x = coarse.isel(time=slice(0, 2)).copy()
+    x[0] = np.nan
+    out = x.downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    assert np.isnan(out.values[0]).all()
+    assert np.isfinite(out.values[1][cm_model.grid["mask"].values]).all()
+
+
+def test_bigger_input_is_cut_to_the_domain(cm_model, coarse):
+    lat = coarse["lat"].values
+    lon = coarse["lon"].values
+    dlat, dlon = lat[1] - lat[0], lon[1] - lon[0]
+    big = coarse.pad(lat=2, lon=2, mode="edge")
+    big = big.assign_coords(
+        lat=(
+            "lat",
+            np.concatenate([lat[0] - dlat * np.arange(2, 0, -1), lat, lat[-1] + dlat * np.arange(1, 3)]),
+            coarse["lat"].attrs,
+        ),
+        lon=(
+            "lon",
+            np.concatenate([lon[0] - dlon * np.arange(2, 0, -1), lon, lon[-1] + dlon * np.arange(1, 3)]),
+            coarse["lon"].attrs,
+        ),
+    )
+    out = big.isel(time=slice(0, 2)).downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    assert out.sizes["lat"] == cm_model.grid.sizes["lat"]
+    assert np.isfinite(out.values[:, cm_model.grid["mask"].values]).all()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_error_no_lat_lon(cm_model, coarse):
+    bare = xr.DataArray(
+        coarse.values, dims=("time", "a", "b"), coords={"time": coarse["time"]}, attrs=coarse.attrs, name="pr"
+    )
+    with pytest.raises(MissingCoordinateError, match="latitude"):
+        bare.downscale.cm(model=cm_model.path)
+
+
+def test_error_units_missing_or_unknown(cm_model, coarse):
+    x = coarse.copy()
+    x.attrs = {}
+    with pytest.raises(UnitError, match="units="):
+        x.downscale.cm(model=cm_model.path)
+    x.attrs = {"units": "furlongs per fortnight squared"}
+    with pytest.raises(UnitError, match="furlongs"):
+        x.downscale.cm(model=cm_model.path)
+
+
+def test_units_override_works(cm_model, coarse):
+    x = coarse.isel(time=slice(0, 2)).copy()
+    x.attrs = {}
+    out = x.downscale.cm(model=cm_model.path, units="kg m-2 s-1", scale="200 km", progress=False)
+    assert out.attrs["units"] == "kg m-2 s-1"
+
+
+def test_error_temperature_into_precipitation_model(cm_model, coarse):
+    tas = coarse * 0 + 280.0
+    tas.attrs = {"units": "K", "standard_name": "air_temperature"}
+    tas.name = "tas"
+    with pytest.raises(UnitError, match="tas"):
+        tas.downscale.cm(model=cm_model.path)
+
+
+def test_error_domain_not_covered(cm_model, coarse):
+    part = coarse.isel(lat=slice(0, 2))
+    with pytest.raises(GridMismatchError, match="covers lat"):
+        part.downscale.cm(model=cm_model.path)
+
+
+def test_error_non_daily_input(cm_model, coarse):
+    six_hourly = coarse.assign_coords(
+        time=xr.date_range("2001-01-01", periods=coarse.sizes["time"], freq="6h")
+    )
+    with pytest.raises(InputError, match="daily"):
+        six_hourly.downscale.cm(model=cm_model.path)
+
+
+def test_error_wrong_method_for_model_and_bad_arguments(cm_model, coarse):
+    with pytest.raises(InputError, match="'cm' model"):
+        coarse.downscale.sde(model=cm_model.path)
+    with pytest.raises(InputError, match="members"):
+        coarse.downscale.cm(model=cm_model.path, members=0)
+    with pytest.raises(InputError, match="Dataset"):
+        xdownscale.downscale(coarse.to_dataset(), model=cm_model.path)
+    with pytest.raises(InputError, match="hist="):
+        coarse.downscale.cm(model=cm_model.path, qdm=True, hist=slice("1800", "1801"))
+
+
+def test_spatially_chunked_input_is_rechunked_with_a_warning(cm_model, coarse):
+    x = coarse.isel(time=slice(0, 2)).chunk({"lat": 2})
+    with pytest.warns(PerformanceWarning, match="horizontal"):
+        out = x.downscale.cm(model=cm_model.path, scale="200 km")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.isfinite(out.values[:, cm_model.grid["mask"].values]).all()
+
+
+@pytest.mark.slow
+def test_local_cluster_gives_the_same_result(cm_model, coarse):
+    distributed = pytest.importorskip("distributed")
+    x = coarse.isel(time=slice(0, 6))
+    ref = x.downscale.cm(
+        model=cm_model.path, scale="200 km", members=2, seed=5, precision="fp32", progress=False
+    ).values
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        out = (
+            x.chunk({"time": 2})
+            .downscale.cm(model=cm_model.path, scale="200 km", members=2, seed=5, precision="fp32")
+            .compute()
+        )
+    np.testing.assert_array_equal(out.values, ref)
