@@ -19,9 +19,20 @@ def fine_data() -> xr.DataArray:
 def _train(kind: str, data: xr.DataArray, out: object, steps: int) -> object:
     import xdownscale
 
-    path = xdownscale.train(kind=kind, data=data, variable="pr", out=out, name=f"tiny-{kind}", steps=steps,
-                            batch_size=8, channels=(8, 16), seed=0, checkpoint_every=None, progress=False,
-                            val_fraction=0.1)
+    path = xdownscale.train(
+        kind=kind,
+        data=data,
+        variable="pr",
+        out=out,
+        name=f"tiny-{kind}",
+        steps=steps,
+        batch_size=8,
+        channels=(8, 16),
+        seed=0,
+        checkpoint_every=None,
+        progress=False,
+        val_fraction=0.1,
+    )
     return xdownscale.load_model(path)
 
 

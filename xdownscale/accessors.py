@@ -36,27 +36,52 @@ class DownscaleAccessor:
         self._da = da
 
     # -- the call users came for -------------------------------------------------------------------
-    def cm(self, model: Any, *, scale: Any = "auto", members: int = 1, seed: int = 0, steps: int = 1,
-           **kwargs: Any) -> xr.DataArray:
+    def cm(
+        self,
+        model: Any,
+        *,
+        scale: Any = "auto",
+        members: int = 1,
+        seed: int = 0,
+        steps: int = 1,
+        **kwargs: Any,
+    ) -> xr.DataArray:
         """Downscale with a consistency model: noise to ``scale`` and denoise in ``steps`` calls.
 
         Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for all arguments.
         """
         from .api import downscale
 
-        return downscale(self._da, model=model, method="cm", scale=scale, members=members, seed=seed,
-                         steps=steps, **kwargs)
+        return downscale(
+            self._da, model=model, method="cm", scale=scale, members=members, seed=seed, steps=steps, **kwargs
+        )
 
-    def sde(self, model: Any, *, scale: Any = "auto", steps: int = 500, members: int = 1, seed: int = 0,
-            **kwargs: Any) -> xr.DataArray:
+    def sde(
+        self,
+        model: Any,
+        *,
+        scale: Any = "auto",
+        steps: int = 500,
+        members: int = 1,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> xr.DataArray:
         """Downscale with the score-based SDE bridge baseline (slow: ``steps`` network calls).
 
         Forwards to :func:`xdownscale.downscale` with ``method="sde"``.
         """
         from .api import downscale
 
-        return downscale(self._da, model=model, method="sde", scale=scale, members=members, seed=seed,
-                         steps=steps, **kwargs)
+        return downscale(
+            self._da,
+            model=model,
+            method="sde",
+            scale=scale,
+            members=members,
+            seed=seed,
+            steps=steps,
+            **kwargs,
+        )
 
     def prepare(self, model: Any, **kwargs: Any) -> xr.DataArray:
         """Everything up to the network input (units, regrid, low-pass, QDM, transform).
@@ -67,8 +92,9 @@ class DownscaleAccessor:
 
         return prepare(self._da, model=model, **kwargs)
 
-    def select_scale(self, model: Any = None, *, psd_fine: xr.DataArray | None = None,
-                     **kwargs: Any) -> Scale:
+    def select_scale(
+        self, model: Any = None, *, psd_fine: xr.DataArray | None = None, **kwargs: Any
+    ) -> Scale:
         """The scale ``scale="auto"`` would pick: where this field's spectrum meets the model's.
 
         With ``model``, forwards to :func:`xdownscale.api.select_scale`; with ``psd_fine`` (a target
@@ -83,20 +109,29 @@ class DownscaleAccessor:
         if psd_fine is None:
             from .errors import InputError
 
-            raise InputError("select_scale needs model= (a model name or path) or psd_fine= (a target "
-                             "spectrum from xdownscale.psd).")
+            raise InputError(
+                "select_scale needs model= (a model name or path) or psd_fine= (a target "
+                "spectrum from xdownscale.psd)."
+            )
         return select_scale(psd_fine, psd(self._da, **kwargs))
 
     # -- building blocks -----------------------------------------------------------------------------
-    def regrid(self, target: xr.DataArray | xr.Dataset, method: str = "bilinear",
-               **kwargs: Any) -> xr.DataArray:
+    def regrid(
+        self, target: xr.DataArray | xr.Dataset, method: str = "bilinear", **kwargs: Any
+    ) -> xr.DataArray:
         """Regrid onto the grid of ``target``. Forwards to :func:`xdownscale.regrid`."""
         from .xr.regrid import regrid
 
         return regrid(self._da, target, method=method, **kwargs)
 
-    def qdm(self, ref: xr.DataArray | None = None, hist: xr.DataArray | None = None, *,
-            qdm: QDM | None = None, **kwargs: Any) -> xr.DataArray:
+    def qdm(
+        self,
+        ref: xr.DataArray | None = None,
+        hist: xr.DataArray | None = None,
+        *,
+        qdm: QDM | None = None,
+        **kwargs: Any,
+    ) -> xr.DataArray:
         """Bias-correct with quantile delta mapping. Forwards to :func:`xdownscale.apply_qdm`."""
         from .xr.qdm import apply_qdm
 

@@ -178,6 +178,38 @@ def downscale(
     click.echo(f"Downscaled '{variable}' written to {path}")
 
 
+@main.command()
+@click.option(
+    "--input",
+    "input_path",
+    default=None,
+    type=click.Path(),
+    help="Your own coarse file (netCDF or zarr); default: the sample shipped with the package.",
+)
+@click.option("--variable", "-v", default=None, help="Variable in --input (needed if it holds several).")
+@click.option("--model", "-m", default=None, help="Model name or path (default: the shipped CM).")
+@click.option(
+    "--out",
+    "-o",
+    default="xdownscale-demo",
+    show_default=True,
+    help="Output prefix: writes PREFIX.nc and PREFIX.png.",
+)
+@click.option("--members", default=4, show_default=True, type=click.IntRange(min=2))
+@click.option("--days", default=8, show_default=True, type=click.IntRange(min=1), help="Fields to downscale.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--scale", default="auto", show_default=True, help="'auto', '150 km', or a wavenumber.")
+def demo(input_path: str | None, variable: str | None, model: str | None, **options: Any) -> None:
+    """Downscale a coarse sample into an ensemble; write a netCDF and a PNG and print a summary."""
+    from .demo import DEFAULT_MODEL, run_demo
+
+    try:
+        result = run_demo(input_path, variable, model=model or DEFAULT_MODEL, **options)
+    except XDownscaleError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(result.summary)
+
+
 @main.command(name="models")
 def list_shipped_models() -> None:
     """List the models found in the weights directories."""
