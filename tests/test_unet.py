@@ -10,7 +10,7 @@ import torch
 from xdownscale.errors import InputError
 from xdownscale.nets.unet import UNet, count_parameters, forward_gflops, pad_xy
 
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 
 TINY = {"channels": (8, 16, 16), "num_res_blocks": 1, "groups": 4, "num_heads": 2}
 
