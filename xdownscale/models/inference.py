@@ -10,11 +10,13 @@ field's sample never depends on the chunk, batch or worker it was computed in.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,10 +123,31 @@ def _native_cpu_kernels() -> Iterator[None]:
             flags.__exit__(None, None, None)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only
+    CPUs) torch emulates bf16 and autocast is several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on CUDA and on CPUs with native bf16, else ``"fp32"``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+        return "bf16"
+    return "fp32"
+
+
 def _autocast(device: torch.device, precision: str) -> Any:
     """bfloat16 autocast, or for fp32 on the CPU the native (non-oneDNN) kernels, whose results per
     sample do not depend on the batch size (oneDNN's GEMMs pick kernels by batch size)."""
-    if precision == "fp32" or (precision == "auto" and device.type not in ("cuda", "cpu")):
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
         if device.type == "cpu":
             return _native_cpu_kernels()
         return nullcontext()
