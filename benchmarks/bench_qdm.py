@@ -8,7 +8,8 @@ and the peak memory of each.
 Every measurement runs in its own subprocess (the data are generated there from the same seed), so the two
 libraries cannot share caches, memory or imported state:
 
-* time: wall clock of fit + adjust, best of ``--repeat`` runs, after a warm-up on a few cells (that warm-up
+* time: wall clock (and CPU time) of fit + adjust, best of ``--repeat`` runs (xsdba: best of 2 when one
+  run takes less than two minutes, else 1), after a warm-up on a few cells (that warm-up
   keeps numba's one-off JIT compilation out of xsdba's time); the peak resident memory of that process
   above its level before the first run is reported too ("peak RSS");
 * memory: a separate run under ``tracemalloc`` (peak of the numpy/Python allocations during fit + adjust;
@@ -165,7 +166,7 @@ def main() -> None:
     p.add_argument("--ny", type=int, default=60)
     p.add_argument("--nx", type=int, default=96)
     p.add_argument("--nquantiles", type=int, default=500)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs of ours (best is kept); xsdba: 1")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of xdownscale (the best is kept)")
     p.add_argument("--max-xsdba-seconds", type=float, default=300.0)
     # internal: one measurement in a subprocess
     p.add_argument("--worker", choices=["ours", "xsdba"], help=argparse.SUPPRESS)
@@ -178,8 +179,6 @@ def main() -> None:
     if args.small:
         args.ntime, args.ny, args.nx = 1000, 8, 12
     if args.worker:
-        if args.worker == "xsdba":
-            args.repeat = 1
         worker(args)
         return
 
@@ -205,7 +204,10 @@ def main() -> None:
         if estimate > args.max_xsdba_seconds:
             rows = max(1, int(args.ny * args.max_xsdba_seconds / estimate / 2))
             xs_cells = rows * args.nx
-        xs = probe if xs_cells == probe["cells"] else measure("xsdba", "time", args, tmp, xs_cells)
+        xs_args = argparse.Namespace(
+            **{**vars(args), "repeat": 2 if estimate * xs_cells / ncells < 120 else 1}
+        )
+        xs = probe if xs_cells == probe["cells"] else measure("xsdba", "time", xs_args, tmp, xs_cells)
         xs_mem = measure("xsdba", "memory", args, tmp, xs_cells)
         scale = ncells / xs["cells"]
         xs_seconds = xs["seconds"] * scale

@@ -7,9 +7,13 @@ change of every quantile between ``hist`` and ``sim`` (the defining property of 
 ``hist`` onto ``ref``'s distribution.
 
 Every function here works on arrays with **time as the last axis** and any number of leading cell axes,
-shape ``(..., T)``; all cells are processed at once with vectorised numpy (blocks of a few hundred cells
-at a time, to keep temporaries small and in cache; optionally on a few threads - numpy's sort and
-ufuncs release the GIL). No xarray, dask or pint here.
+shape ``(..., T)``; all cells are processed with vectorised numpy, in blocks of :data:`BLOCK_CELLS` cells
+(the whole time series of each) to keep temporaries small and in cache, optionally on several threads
+(numpy's sort and ufuncs release the GIL). No Python loop runs over cells. No xarray, dask or pint here.
+
+Speed: sim's values are sorted together with their time index as one 64-bit key per value (float32
+data); tau, and so the node, only depends on the rank, so one table of nodes per number of valid values
+serves every cell, and only tied values are looked up again with their average rank.
 
 Conventions (chosen to agree with ``xsdba.QuantileDeltaMapping``, its defaults ``interp="nearest"``,
 ``extrapolation="constant"``, and ``xsdba.Grouper`` without window)
@@ -86,7 +90,7 @@ KINDS = (ADDITIVE, MULTIPLICATIVE)
 
 #: Cells processed together: big enough to amortise numpy's per-call cost, small enough that the
 #: (cells, time) temporaries of one block (a few of them, 8 bytes a value) stay in cache.
-BLOCK_CELLS = 256
+BLOCK_CELLS = 64
 
 #: Threads used when a function gets ``threads=None`` (the xarray layer does so for numpy inputs; dask
 #: inputs run one thread per chunk). None: one per CPU available to the process. Set it to 1 to stay on
@@ -511,7 +515,7 @@ def _sorted_factors(s: np.ndarray, nvalid: np.ndarray, af: np.ndarray) -> np.nda
         table = _node_table(int(n), nq)
         out[sel] = np.take(af[sel], table[np.minimum(doubled, 2 * n)], axis=-1)
     # tied values in those rows: a run of equal values at positions a..e has doubled rank a + e + 2
-    r, i = np.nonzero(eq & ~general[:, None])
+    r, i = np.nonzero(eq & ~general[:, None] if general.any() else eq)
     if r.size:
         new = np.ones(r.size, dtype=bool)
         new[1:] = (r[1:] != r[:-1]) | (i[1:] != i[:-1] + 1)
