@@ -302,3 +302,23 @@ def test_local_cluster_gives_the_same_result(cm_model, coarse):
             .compute()
         )
     np.testing.assert_array_equal(out.values, ref)
+
+
+def test_explicit_noise_level_beyond_the_target_spectrum(cm_model, coarse):
+    out = coarse.isel(time=slice(0, 1)).downscale.cm(model=cm_model.path, scale="sigma=20", progress=False)
+    assert out.attrs["downscale_scale_sigma"] == pytest.approx(20.0)
+    assert "beyond" in out.attrs["downscale_scale"]
+    with pytest.raises(InputError, match="outside the model's range"):
+        coarse.isel(time=slice(0, 1)).downscale.cm(model=cm_model.path, scale="sigma=500", progress=False)
+
+
+def test_bf16_fast_path_agrees_with_fp32(cm_model, coarse):
+    """The bf16 autocast path (the default on CUDA and on CPUs with native bf16) agrees with fp32 to
+    the documented tolerance: 2e-2 in the model's transformed space."""
+    x = coarse.isel(time=slice(0, 2))
+    kwargs = dict(model=cm_model.path, scale="200 km", members=2, seed=0, progress=False)
+    fp32 = x.downscale.cm(precision="fp32", **kwargs)
+    bf16 = x.downscale.cm(precision="bf16", **kwargs)
+    t32 = cm_model.transform.forward(xdownscale.convert_units(fp32, cm_model.variable["units"]))
+    t16 = cm_model.transform.forward(xdownscale.convert_units(bf16, cm_model.variable["units"]))
+    assert float(abs(t32 - t16).max()) < 2e-2

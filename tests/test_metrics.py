@@ -426,3 +426,16 @@ def test_rank_histogram_ties_are_spread_and_nan_dropped():
     xr.testing.assert_identical(h, rank_histogram(ens, obs, seed=1))
     with pytest.raises(InputError, match="has no member dimension 'member'"):
         rank_histogram(obs, obs)
+
+
+def test_pooled_correlation_by_conservative_regridding_for_any_ratio():
+    from xdownscale.datasets import synthetic_precipitation
+    from xdownscale.metrics import pooled_correlation
+    from xdownscale.xr.regrid import regrid
+
+    fine = synthetic_precipitation(ny=24, nx=30, ntime=4, seed=3)
+    coarse_grid = fine.isel(lat=slice(2, 22, 5), lon=slice(2, 28, 5))  # 5x coarser, not whole blocks
+    coarse = regrid(fine, coarse_grid, method="conservative")
+    assert float(pooled_correlation(fine, coarse, factor=None)) == pytest.approx(1.0, abs=1e-6)
+    noisy = fine + 5.0 * np.random.default_rng(0).random(fine.shape)
+    assert float(pooled_correlation(noisy, coarse, factor=None)) < 0.99

@@ -402,7 +402,15 @@ def resolve_scale(
         return _auto_scale(model, spectrum, transformed.attrs.get(INPUT_WAVENUMBER_ATTR))
     if isinstance(scale, Scale):
         return scale if scale.sigma is not None else scale.with_psd(model.target_psd)
-    return Scale.parse(scale, psd=model.target_psd)
+    try:
+        return Scale.parse(scale, psd=model.target_psd)
+    except InputError:
+        # a noise level beyond the target spectrum's range is still a valid noise level for the
+        # network (sigma_min..sigma_max is checked by the caller); it just has no wavenumber
+        bare = Scale.parse(scale)
+        if bare.sigma is not None and bare.wavenumber is None:
+            return bare
+        raise
 
 
 def _auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | None) -> Any:
@@ -714,13 +722,16 @@ def _output_attrs(
         if value:
             attrs[key] = value
     attrs["cell_methods"] = da.attrs.get("cell_methods", "time: mean")
-    if scale is not None:
+    if scale is not None and scale.wavenumber is not None:
         attrs["downscale_scale_wavenumber"] = float(scale.wavenumber)
         attrs["downscale_scale_km"] = float(scale.wavelength_km)
         attrs["downscale_scale_sigma"] = float(scale.sigma)
         scale_text = (
             f"{scale.wavelength_km:.0f} km (wavenumber {scale.wavenumber:.4f}, sigma {scale.sigma:.4f})"
         )
+    elif scale is not None:
+        attrs["downscale_scale_sigma"] = float(scale.sigma)
+        scale_text = f"sigma {scale.sigma:.4f} (beyond the scales of the model's target spectrum)"
     else:
         scale_text = (
             f"{scale_arg} (selected lazily at compute time; see da.downscale.select_scale(model=...))"

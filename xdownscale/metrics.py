@@ -178,12 +178,16 @@ def _pattern_correlation(
 def pooled_correlation(
     fine: xr.DataArray,
     coarse: xr.DataArray,
-    factor: int = 4,
+    factor: int | None = 4,
     *,
     per_time: bool = False,
     weights: xr.DataArray | None = None,
 ) -> xr.DataArray:
     """Correlation of the block-averaged fine field with the native coarse field ("pooled corr").
+
+    With ``factor=None`` the fine field is averaged onto the coarse grid by conservative regridding
+    instead of whole blocks, for grids whose resolutions are not an integer ratio apart (e.g. a
+    0.25 deg target and a 1.4 deg ESM).
 
     ``fine`` is averaged over ``factor x factor`` blocks (NaN-aware, :func:`xdownscale.xr.spectra.upscale`)
     onto the coarse grid, correlated with ``coarse`` over the cells of each time step, and the
@@ -217,6 +221,12 @@ def pooled_correlation(
     """
     from .xr.spectra import upscale
 
+    if factor is None:
+        from .xr.regrid import regrid
+
+        pooled = regrid(fine, coarse, method="conservative")
+        pooled, coarse, grid = _same_grid(pooled, coarse, "pooled_correlation")
+        return _pattern_correlation(pooled, coarse, grid, weights, per_time, "pooled_correlation")
     gf, gc = find_grid(fine), find_grid(coarse)
     (yf, xf), (yc, xc) = gf.shape(fine), gc.shape(coarse)
     if isinstance(factor, (int, np.integer)) and factor >= 1 and (yf, xf) != (factor * yc, factor * xc):
