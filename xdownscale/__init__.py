@@ -41,7 +41,7 @@ _LAZY = {
     "downscale": "xdownscale.api",
     "prepare": "xdownscale.api",
 }
-_SUBMODULES = {"transforms", "metrics", "datasets", "models", "api", "cli"}
+_SUBMODULES = {"transforms", "metrics", "datasets", "models", "api", "cli", "assimilate", "demo", "batch"}
 
 __all__ = [
     "QDM",
@@ -50,9 +50,12 @@ __all__ = [
     "__version__",
     "api",
     "apply_qdm",
+    "assimilate",
+    "batch",
     "cli",
     "convert_units",
     "datasets",
+    "demo",
     "downscale",
     "errors",
     "list_models",

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .xr.qdm import QDM
     from .xr.spectra import Scale
 
-__all__ = ["DownscaleAccessor"]
+__all__ = ["AssimilateAccessor", "DownscaleAccessor"]
 
 
 @xr.register_dataarray_accessor("downscale")
@@ -154,3 +154,28 @@ class DownscaleAccessor:
         from .xr.spectra import lowpass
 
         return lowpass(self._da, wavenumber)
+
+
+@xr.register_dataarray_accessor("assimilate")
+class AssimilateAccessor:
+    """Calibrate a background state with station and gridded (satellite-like) observations.
+
+    ``background.assimilate.slams(model=..., stations=st, satellite=sat, members=16)`` returns an ensemble
+    of analyses (latent score-based data assimilation); ``.sda(...)`` is the pixel-space baseline. Both
+    forward to :mod:`xdownscale.assimilate`.
+    """
+
+    def __init__(self, da: xr.DataArray) -> None:
+        self._da = da
+
+    def slams(self, model: Any, **kwargs: Any) -> xr.DataArray:
+        """Latent score-based data assimilation. Forwards to :func:`xdownscale.assimilate.slams`."""
+        from .assimilate import slams
+
+        return slams(self._da, model=model, **kwargs)
+
+    def sda(self, model: Any, **kwargs: Any) -> xr.DataArray:
+        """Pixel-space score-based data assimilation. Forwards to :func:`xdownscale.assimilate.sda`."""
+        from .assimilate import sda
+
+        return sda(self._da, model=model, **kwargs)

@@ -40,57 +40,84 @@ def main() -> None:
     """Zero-shot downscaling of Earth-system-model output with consistency models."""
 
 
-@main.command()
-@click.argument("kind", type=click.Choice(["cm", "sde"]))
-@click.argument("data", nargs=-1, required=True)
-@click.option(
-    "--variable", "-v", default=None, help="Variable to train on (e.g. pr); needed if the files hold several."
-)
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--name", default=None, help="Model name (default KIND-VARIABLE-NYxNX).")
-@click.option("--steps", default=20000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--channels",
-    default="16,32,32",
-    show_default=True,
-    callback=_channels,
-    help="UNet channels per resolution level.",
-)
-@click.option("--lr", default=2e-4, show_default=True, type=float, help="RAdam learning rate.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--loss",
-    default=None,
-    type=click.Choice(["ict", "ct", "dsm"]),
-    help="Loss (default: ict for cm, dsm for sde).",
-)
-@click.option("--ema-decay", default=0.999, show_default=True, type=float)
-@click.option("--val-time", default=None, help="Validation period START/END, e.g. 1996-12/1997-02.")
-@click.option(
-    "--val-fraction",
-    default=0.1,
-    show_default=True,
-    type=float,
-    help="Last fraction of time steps held out when --val-time is not given.",
-)
-@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
-@click.option("--units", default=None, help="Override the units attribute of the data, e.g. mm/day.")
-@click.option(
-    "--eps",
-    default=1e-4,
-    show_default=True,
-    type=float,
-    help="Offset of the log transform for precipitation, in mm/day.",
-)
-@click.option("--licence", default=None, help="Licence / terms of use of the training data, for the card.")
-@click.option("--fp16", is_flag=True, help="Store the shipped weights as float16 (half the file size).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train(kind: str, data: tuple[str, ...], **options: Any) -> None:
-    """Train a KIND (cm or sde) model on the fine-grid fields in DATA (netCDF files, globs or zarr stores)."""
+@main.group()
+def train() -> None:
+    """Train a model: cm / sde (downscaling) or slams / sda (data assimilation)."""
+
+
+def _generative_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--variable",
+                "-v",
+                default=None,
+                help="Variable to train on (e.g. pr); needed if the files hold several.",
+            ),
+            click.option(
+                "--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory."
+            ),
+            click.option("--name", default=None, help="Model name (default KIND-VARIABLE-NYxNX)."),
+            click.option("--steps", default=20000, show_default=True, type=click.IntRange(min=1)),
+            click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+            click.option(
+                "--channels",
+                default="16,32,32",
+                show_default=True,
+                callback=_channels,
+                help="UNet channels per resolution level.",
+            ),
+            click.option("--lr", default=2e-4, show_default=True, type=float, help="RAdam learning rate."),
+            click.option("--seed", default=0, show_default=True, type=int),
+            click.option(
+                "--loss",
+                default=None,
+                type=click.Choice(["ict", "ct", "dsm"]),
+                help="Loss (default: ict for cm, dsm for sde).",
+            ),
+            click.option("--ema-decay", default=0.999, show_default=True, type=float),
+            click.option(
+                "--val-time", default=None, help="Validation period START/END, e.g. 1996-12/1997-02."
+            ),
+            click.option(
+                "--val-fraction",
+                default=0.1,
+                show_default=True,
+                type=float,
+                help="Last fraction of time steps held out when --val-time is not given.",
+            ),
+            click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1)),
+            click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1)),
+            click.option(
+                "--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."
+            ),
+            click.option(
+                "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."
+            ),
+            click.option(
+                "--units", default=None, help="Override the units attribute of the data, e.g. mm/day."
+            ),
+            click.option(
+                "--eps",
+                default=1e-4,
+                show_default=True,
+                type=float,
+                help="Offset of the log transform for precipitation, in mm/day.",
+            ),
+            click.option(
+                "--licence", default=None, help="Licence / terms of use of the training data, for the card."
+            ),
+            click.option(
+                "--fp16", is_flag=True, help="Store the shipped weights as float16 (half the file size)."
+            ),
+            click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _train_generative(kind: str, data: tuple[str, ...], options: dict[str, Any]) -> None:
     from .models.train import train as train_model
 
     fp16 = options.pop("fp16")
@@ -104,6 +131,144 @@ def train(kind: str, data: tuple[str, ...], **options: Any) -> None:
     except XDownscaleError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"Model written to {path} (card: {path.with_suffix('.json')})")
+
+
+@train.command(name="cm")
+@click.argument("data", nargs=-1, required=True)
+@_generative_options
+def train_cm(data: tuple[str, ...], **options: Any) -> None:
+    """Train a consistency model on the fine-grid fields in DATA (netCDF files, globs or zarr stores)."""
+    _train_generative("cm", data, options)
+
+
+@train.command(name="sde")
+@click.argument("data", nargs=-1, required=True)
+@_generative_options
+def train_sde(data: tuple[str, ...], **options: Any) -> None:
+    """Train the VE-SDE score model (the SDE-bridge baseline) on the fine-grid fields in DATA."""
+    _train_generative("sde", data, options)
+
+
+def _assimilation_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--state",
+                "state",
+                required=True,
+                multiple=True,
+                help="State (analysis/reanalysis) files, netCDF or zarr; repeat for several.",
+            ),
+            click.option("--variable", "-v", default=None, help="Variable of the state (needed if several)."),
+            click.option(
+                "--stations",
+                default=None,
+                type=click.Path(exists=True),
+                help="Station observations (time, station) with lat/lon coordinates.",
+            ),
+            click.option(
+                "--satellite",
+                default=None,
+                type=click.Path(exists=True),
+                help="A gridded observation modality on its own (coarser) grid.",
+            ),
+            click.option(
+                "--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory."
+            ),
+            click.option("--name", default=None, help="Model name."),
+            click.option(
+                "--steps",
+                default=5000,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Score-model training steps.",
+            ),
+            click.option(
+                "--ae-steps",
+                default=2000,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Autoencoder training steps (slams).",
+            ),
+            click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+            click.option(
+                "--window",
+                default=5,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="States per window (Markov blanket K).",
+            ),
+            click.option(
+                "--factor",
+                default=2,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Spatial downsampling of the latent (slams).",
+            ),
+            click.option("--latent-channels", default=4, show_default=True, type=click.IntRange(min=1)),
+            click.option(
+                "--channels",
+                default=None,
+                callback=lambda c, p, v: None if v is None else _channels(c, p, v),
+                help="Score UNet channels per level.",
+            ),
+            click.option(
+                "--hidden",
+                default=32,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Autoencoder width.",
+            ),
+            click.option("--num-res-blocks", default=2, show_default=True, type=click.IntRange(min=1)),
+            click.option("--lr", default=2e-4, show_default=True, type=float),
+            click.option("--seed", default=0, show_default=True, type=int),
+            click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1)),
+            click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available)."),
+            click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run in --out."),
+            click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _train_assimilation(kind: str, options: dict[str, Any]) -> None:
+    import xarray as xr
+
+    from .models.assimilation import train_assimilation
+
+    quiet = options.pop("quiet")
+    resume = not options.pop("no_resume")
+    state = list(options.pop("state"))
+    for key in ("stations", "satellite"):
+        if options[key] is not None:
+            ds = xr.open_dataset(options[key])
+            names = list(ds.data_vars)
+            if len(names) != 1:
+                raise click.ClickException(f"--{key} {options[key]}: expected one variable, found {names}.")
+            options[key] = ds[names[0]]
+    config = {k: v for k, v in options.items() if v is not None}
+    try:
+        path = train_assimilation(
+            kind, state=state if len(state) > 1 else state[0], resume=resume, progress=not quiet, **config
+        )
+    except XDownscaleError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Model written to {path}")
+
+
+@train.command(name="slams")
+@_assimilation_options
+def train_slams(**options: Any) -> None:
+    """Train a SLAMS model: an autoencoder, then a latent score model on windows of states."""
+    _train_assimilation("slams", options)
+
+
+@train.command(name="sda")
+@_assimilation_options
+def train_sda(**options: Any) -> None:
+    """Train an SDA model: a score model on windows of states in pixel space (the SLAMS baseline)."""
+    _train_assimilation("sda", options)
 
 
 @main.command()

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from ..errors import ModelCardError, WeightsIntegrityError
-from .card import KINDS, MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, read_card, validate_card
+from .card import ASSIMILATION_KINDS, KINDS, MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, read_card, validate_card
 from .io import read_safetensors, sha256_file
 from .registry import find_model
 
@@ -256,6 +256,10 @@ def load_model(name_or_path: str | os.PathLike[str], *, device: str | torch.devi
 
     card_path = find_model(name_or_path)
     card = read_card(card_path)
+    if card["kind"] in ASSIMILATION_KINDS:
+        from .assimilation import load_assimilation_model
+
+        return load_assimilation_model(card_path, device=device)  # type: ignore[return-value]
     weights = card_path.with_suffix(".safetensors")
     if not weights.is_file():
         raise ModelCardError(f"The model card {card_path} has no weights file {weights.name} beside it.")
