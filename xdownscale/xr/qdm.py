@@ -104,10 +104,6 @@ def _check_group(group: str) -> str | None:
     return GROUPS[group]
 
 
-def _check_nquantiles(nquantiles: int) -> np.ndarray:
-    return core.equally_spaced_nodes(nquantiles)
-
-
 def _check_array(da: Any, name: str) -> tuple[xr.DataArray, str]:
     if not isinstance(da, xr.DataArray):
         raise InputError(f"'{name}' must be an xarray.DataArray; got {type(da).__name__}.")
@@ -396,7 +392,7 @@ def reference_quantiles(
         Unknown group, ``nquantiles < 2``, or dates needed for grouping are missing.
     """
     gdim = _check_group(group)
-    nodes = _check_nquantiles(nquantiles)
+    nodes = core.equally_spaced_nodes(nquantiles)
     ref, time = _check_array(ref, "ref")
     groups = None if gdim is None else _sort_groups(_labels(ref, time, gdim, "ref"), gdim)
     thresh = _threshold(jitter_under, ref, "ref")
@@ -517,7 +513,7 @@ class QDM:
         """
         core._check_kind(kind)
         gdim = _check_group(group)
-        _check_nquantiles(nquantiles)
+        core.equally_spaced_nodes(nquantiles)
         ref, rtime = _check_array(ref, "ref")
         hist, htime = _check_array(hist, "hist")
         _check_same_cells(ref, "ref", rtime, hist, "hist", htime)
@@ -583,7 +579,7 @@ class QDM:
                 "nodes as coordinate, as made by xdownscale.xr.qdm.reference_quantiles(ref)."
             )
         nquantiles = ref_quantiles.sizes[QUANTILE_DIM]
-        nodes = _check_nquantiles(nquantiles)
+        nodes = core.equally_spaced_nodes(nquantiles)
         given = ref_quantiles[QUANTILE_DIM].values if QUANTILE_DIM in ref_quantiles.coords else None
         if given is None or not np.allclose(given, nodes, rtol=0, atol=1e-9):
             raise InputError(
