@@ -1,0 +1,104 @@
+"""MkDocs hook: write one page per shipped model from its card (weights/*.json) before each build,
+so the pages can never disagree with the cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for label, rows in metrics.items():
+        if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
+            continue
+        lines += [f"**{label} as input**", "",
+                  "| method | pooled corr | mean abs err (reduction) | p95 abs err (reduction) | s / field |",
+                  "|---|---|---|---|---|"]
+        for method, r in rows.items():
+            lines.append(
+                f"| {method} | {r['pooled_corr']:.3f} | {r['mae']:.3f} ({100 * r['mae_reduction']:.1f}%) | "
+                f"{r['p95']:.3f} ({100 * r['p95_reduction']:.1f}%) | {r['seconds_per_field']:.4f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def model_page(card: dict[str, Any]) -> str:
+    var = card["variable"]
+    training = card.get("training", {})
+    grid = card["grid"]
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"*{card['kind'].upper()} model, version {card['version']}; page generated from `weights/{card['name']}.json`.*",
+        "",
+        "```python",
+        f'fine = da.downscale.{card["kind"] if card["kind"] in ("cm", "sde") else "cm"}(model="{card["name"]}")',
+        "```",
+        "",
+        "## Intended use",
+        "",
+        card.get("intended_use", "Not stated."),
+        "",
+        "## Limitations",
+        "",
+        *[f"* {x}" for x in card.get("limitations", [])],
+        "",
+        "## Data and training",
+        "",
+        f"* Variable: `{var['name']}` ({var.get('long_name', '')}), {var['units']}, "
+        f"standard name `{var.get('standard_name', '')}`",
+        f"* Grid: {grid['shape'][0]} x {grid['shape'][1]} cells, periodic: {grid.get('periodic')}, "
+        f"{grid.get('mask', {}).get('valid_cells', '?')} valid (land) cells",
+        f"* Training data: {training.get('data', training.get('description', ''))}",
+        f"* Training period: {training.get('period')}, validation: {training.get('validation_period')}",
+        f"* Licence / terms: {training.get('licence', '')}",
+        f"* Steps: {training.get('steps')}, batch size {training.get('batch_size')}, loss `{training.get('loss')}`, "
+        f"hardware: {training.get('hardware', '?')}, {training.get('hours', '?')} h",
+        f"* Architecture: `{card['architecture']['class']}` {json.dumps(card['architecture']['config'])}",
+        f"* Noise range: {json.dumps(card.get('sigma'))}",
+        f"* sha256 of the weights: `{card.get('sha256')}`",
+        "",
+        "## Measured skill",
+        "",
+    ]
+    metrics = card.get("metrics") or {}
+    table = _metrics_table(metrics)
+    lines += table if table else ["No measurements stored in the card yet."]
+    lines += ["", "Full report: [Evaluation on real data](../evaluation.md).", ""]
+    return "\n".join(lines)
+
+
+def write_pages(docs_dir: Path) -> None:
+    out = docs_dir / "models"
+    out.mkdir(exist_ok=True)
+    cards = sorted((ROOT / "weights").glob("*.json"))
+    names = []
+    for path in cards:
+        card = json.loads(path.read_text())
+        if "kind" not in card or "grid" not in card:
+            continue
+        page = out / f"{card['name']}.md"
+        text = model_page(card)
+        if not page.exists() or page.read_text() != text:
+            page.write_text(text)
+        names.append(card)
+    index = ["# Shipped models", "",
+             "Each model is `NAME.safetensors` (weights) plus `NAME.json` (its card) in `weights/`; "
+             "`xdownscale.list_models()` lists them and `xdownscale.load_model(NAME)` loads one, verifying its "
+             "sha256.", "", "| model | kind | variable | grid |", "|---|---|---|---|"]
+    for card in names:
+        index.append(f"| [{card['name']}]({card['name']}.md) | {card['kind']} | {card['variable']['name']} | "
+                     f"{card['grid']['shape'][0]} x {card['grid']['shape'][1]} |")
+    text = "\n".join(index) + "\n"
+    idx = out / "index.md"
+    if not idx.exists() or idx.read_text() != text:
+        idx.write_text(text)
+
+
+def on_pre_build(config: Any, **kwargs: Any) -> None:
+    write_pages(Path(config["docs_dir"]))
