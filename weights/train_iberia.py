@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run-name", default=None, help="training run directory under runs/ (default: NAME)")
+    parser.add_argument("--no-install", action="store_true", help="do not copy the result into weights/")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
@@ -70,7 +72,7 @@ def main() -> None:
         kind=args.kind,
         data=tp,
         variable="tp",
-        out=ROOT / "runs" / name,
+        out=ROOT / "runs" / (args.run_name or name),
         name=name,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -97,6 +99,9 @@ def main() -> None:
     card["training"]["hours"] = round(hours, 3)
     card["training"]["hardware"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu (2 cores)")
     card_path.write_text(json.dumps(card, indent=1))
+    if args.no_install:
+        print(f"{name}: {hours:.2f} h, written to {path.parent}")
+        return
     for suffix in (".safetensors", ".json"):
         shutil.copy(path.with_suffix(suffix), ROOT / "weights" / f"{name}{suffix}")
     print(f"{name}: {hours:.2f} h, written to weights/")
