@@ -15,9 +15,12 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     for label, rows in metrics.items():
         if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
             continue
-        lines += [f"**{label} as input**", "",
-                  "| method | pooled corr | mean abs err (reduction) | p95 abs err (reduction) | s / field |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"**{label} as input**",
+            "",
+            "| method | pooled corr | mean abs err (reduction) | p95 abs err (reduction) | s / field |",
+            "|---|---|---|---|---|",
+        ]
         for method, r in rows.items():
             lines.append(
                 f"| {method} | {r['pooled_corr']:.3f} | {r['mae']:.3f} ({100 * r['mae_reduction']:.1f}%) | "
@@ -27,6 +30,10 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _method(kind: str) -> str:
+    return f"downscale.{kind}" if kind in ("cm", "sde") else f"assimilate.{kind}"
+
+
 def model_page(card: dict[str, Any]) -> str:
     var = card["variable"]
     training = card.get("training", {})
@@ -34,10 +41,11 @@ def model_page(card: dict[str, Any]) -> str:
     lines = [
         f"# {card['name']}",
         "",
-        f"*{card['kind'].upper()} model, version {card['version']}; page generated from `weights/{card['name']}.json`.*",
+        f"*{card['kind'].upper()} model, version {card['version']}; page generated from "
+        f"`weights/{card['name']}.json`.*",
         "",
         "```python",
-        f'fine = da.downscale.{card["kind"] if card["kind"] in ("cm", "sde") else "cm"}(model="{card["name"]}")',
+        f'out = da.{_method(card["kind"])}(model="{card["name"]}")',
         "```",
         "",
         "## Intended use",
@@ -57,7 +65,8 @@ def model_page(card: dict[str, Any]) -> str:
         f"* Training data: {training.get('data', training.get('description', ''))}",
         f"* Training period: {training.get('period')}, validation: {training.get('validation_period')}",
         f"* Licence / terms: {training.get('licence', '')}",
-        f"* Steps: {training.get('steps')}, batch size {training.get('batch_size')}, loss `{training.get('loss')}`, "
+        f"* Steps: {training.get('steps')}, batch size {training.get('batch_size')}, loss "
+        f"`{training.get('loss')}`, "
         f"hardware: {training.get('hardware', '?')}, {training.get('hours', '?')} h",
         f"* Architecture: `{card['architecture']['class']}` {json.dumps(card['architecture']['config'])}",
         f"* Noise range: {json.dumps(card.get('sigma'))}",
@@ -87,13 +96,22 @@ def write_pages(docs_dir: Path) -> None:
         if not page.exists() or page.read_text() != text:
             page.write_text(text)
         names.append(card)
-    index = ["# Shipped models", "",
-             "Each model is `NAME.safetensors` (weights) plus `NAME.json` (its card) in `weights/`; "
-             "`xdownscale.list_models()` lists them and `xdownscale.load_model(NAME)` loads one, verifying its "
-             "sha256.", "", "| model | kind | variable | grid |", "|---|---|---|---|"]
+    index = [
+        "# Shipped models",
+        "",
+        "Each model is `NAME.safetensors` (weights) plus `NAME.json` (its card) in `weights/`; "
+        "`xdownscale.list_models()` lists them and `xdownscale.load_model(NAME)` loads one, "
+        "verifying its "
+        "sha256.",
+        "",
+        "| model | kind | variable | grid |",
+        "|---|---|---|---|",
+    ]
     for card in names:
-        index.append(f"| [{card['name']}]({card['name']}.md) | {card['kind']} | {card['variable']['name']} | "
-                     f"{card['grid']['shape'][0]} x {card['grid']['shape'][1]} |")
+        index.append(
+            f"| [{card['name']}]({card['name']}.md) | {card['kind']} | {card['variable']['name']} | "
+            f"{card['grid']['shape'][0]} x {card['grid']['shape'][1]} |"
+        )
     text = "\n".join(index) + "\n"
     idx = out / "index.md"
     if not idx.exists() or idx.read_text() != text:

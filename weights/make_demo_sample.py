@@ -35,8 +35,9 @@ def main() -> None:
     noise = KeyedNoise(keys, seed=2031, shape=(1, ny, nx))
     with torch.no_grad():
         y = generate_cm(model.network, (days, 1, ny, nx), steps=2, noise=noise)[:, 0].numpy()
-    fields = xr.DataArray(y, dims=("time", "lat", "lon"), coords={"time": times, "lat": grid["lat"],
-                                                                  "lon": grid["lon"]})
+    fields = xr.DataArray(
+        y, dims=("time", "lat", "lon"), coords={"time": times, "lat": grid["lat"], "lon": grid["lon"]}
+    )
     fields.attrs["units"] = "1"
     physical = model.transform.inverse(fields)
     physical = physical.where(grid["mask"])
@@ -49,7 +50,8 @@ def main() -> None:
         standard_name="precipitation_flux",
         long_name="Precipitation (synthetic, coarse)",
         comment=(
-            f"Made by xdownscale's weights/make_demo_sample.py: drawn from the model {MODEL} and block-averaged "
+            f"Made by xdownscale's weights/make_demo_sample.py: drawn from the model {MODEL} and "
+            "block-averaged "
             "over 5 x 5 cells. Not observations and not the output of any climate model."
         ),
     )
@@ -58,8 +60,10 @@ def main() -> None:
     coarse["time"].attrs = {"standard_name": "time", "axis": "T"}
     OUT.parent.mkdir(exist_ok=True)
     coarse.to_dataset().to_netcdf(OUT, encoding={"pr": {"zlib": True, "complevel": 4}})
-    print(f"{OUT}: {coarse.sizes}, mean {float(coarse.mean()) * 86400:.2f} mm/day, "
-          f"{np.isfinite(coarse.values).mean():.0%} finite")
+    print(
+        f"{OUT}: {coarse.sizes}, mean {float(coarse.mean()) * 86400:.2f} mm/day, "
+        f"{np.isfinite(coarse.values).mean():.0%} finite"
+    )
 
 
 if __name__ == "__main__":

@@ -32,22 +32,28 @@ LICENCE = (
 )
 NAMES = {"cm": "cm-eobs-iberia-0.25deg-pr", "sde": "sde-eobs-iberia-0.25deg-pr"}
 INTENDED_USE = (
-    "Downscaling daily winter (DJF) precipitation from coarse climate-model or reanalysis fields over the Iberian "
-    "Peninsula (34-44.5N, 10W-5E) onto the E-OBS 0.25 deg land grid, as an ensemble; demonstrations, teaching and "
+    "Downscaling daily winter (DJF) precipitation from coarse climate-model or reanalysis fields "
+    "over the Iberian "
+    "Peninsula (34-44.5N, 10W-5E) onto the E-OBS 0.25 deg land grid, as an ensemble; demonstrations, "
+    "teaching and "
     "method research."
 )
 LIMITATIONS = [
     "Iberian Peninsula only, land cells only (sea is masked as in E-OBS).",
     "Winter (DJF) daily precipitation only; other seasons are out of distribution.",
-    "Trained on 6 winters (about 540 days) on a CPU: a small model far from the paper's compute; see the measured "
+    "Trained on 6 winters (about 540 days) on a CPU: a small model far from the paper's compute; see "
+    "the measured "
     "skill before relying on it.",
-    "Unpaired: corrects patterns below the chosen scale; larger-scale biases of the input are kept by design.",
+    "Unpaired: corrects patterns below the chosen scale; larger-scale biases of the input are kept "
+    "by design.",
     "E-OBS terms: non-commercial research and education only.",
 ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kind", choices=("cm", "sde"), required=True)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -8,17 +8,17 @@ code that already catches ``ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = [
-    "XDownscaleError",
-    "InputError",
-    "UnitError",
-    "MissingCoordinateError",
-    "GridMismatchError",
     "ChunkingError",
+    "GridMismatchError",
+    "InputError",
+    "MissingCoordinateError",
     "ModelCardError",
-    "WeightsIntegrityError",
     "ModelNotFoundError",
-    "XDownscaleWarning",
     "PerformanceWarning",
+    "UnitError",
+    "WeightsIntegrityError",
+    "XDownscaleError",
+    "XDownscaleWarning",
 ]
 
 

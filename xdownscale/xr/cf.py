@@ -262,7 +262,7 @@ def standard_layout(obj: xr.DataArray | xr.Dataset, grid: Grid | None = None) ->
     for start in (-180.0, 0.0):
         wrapped = wrap_longitude(lon, start)
         order = np.argsort(wrapped, kind="stable")
-        if grid.periodic or np.all(np.diff(wrapped[order]) > 0) and _contiguous(wrapped[order]):
+        if grid.periodic or (np.all(np.diff(wrapped[order]) > 0) and _contiguous(wrapped[order])):
             new = obj.assign_coords({grid.lon: (grid.xdim, wrapped, obj[grid.lon].attrs)})
             return new.isel({grid.xdim: order})
     return obj
@@ -283,8 +283,16 @@ def grid_spacing_km(obj: xr.DataArray | xr.Dataset, grid: Grid | None = None) ->
     if grid.curvilinear:
         la = np.deg2rad(np.asarray(lat.transpose(grid.ydim, grid.xdim).values, dtype=float))
         lo = np.deg2rad(np.asarray(lon.transpose(grid.ydim, grid.xdim).values, dtype=float))
-        dy = _haversine(la[1:, :], lo[1:, :], la[:-1, :], lo[:-1, :]) if la.shape[0] > 1 else np.array([np.nan])
-        dx = _haversine(la[:, 1:], lo[:, 1:], la[:, :-1], lo[:, :-1]) if la.shape[1] > 1 else np.array([np.nan])
+        dy = (
+            _haversine(la[1:, :], lo[1:, :], la[:-1, :], lo[:-1, :])
+            if la.shape[0] > 1
+            else np.array([np.nan])
+        )
+        dx = (
+            _haversine(la[:, 1:], lo[:, 1:], la[:, :-1], lo[:, :-1])
+            if la.shape[1] > 1
+            else np.array([np.nan])
+        )
         return float(np.nanmean(dy)), float(np.nanmean(dx))
     la = np.asarray(lat.values, dtype=float)
     lo = np.unwrap(np.deg2rad(np.asarray(lon.values, dtype=float)))
