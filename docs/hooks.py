@@ -11,9 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
-    lines = []
+    lines: list[str] = []
+    if metrics and not any(
+        isinstance(v, dict) and all(isinstance(r, dict) and "pooled_corr" in r for r in v.values())
+        for v in metrics.values()
+    ):
+        # other kinds of models (assimilation): show the stored measurements as they are
+        return ["```json", json.dumps(metrics, indent=1), "```", ""]
     for label, rows in metrics.items():
-        if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
+        if not isinstance(rows, dict) or not all(
+            isinstance(v, dict) and "pooled_corr" in v for v in rows.values()
+        ):
             continue
         lines += [
             f"**{label} as input**",
@@ -68,8 +76,8 @@ def model_page(card: dict[str, Any]) -> str:
         f"* Steps: {training.get('steps')}, batch size {training.get('batch_size')}, loss "
         f"`{training.get('loss')}`, "
         f"hardware: {training.get('hardware', '?')}, {training.get('hours', '?')} h",
-        f"* Architecture: `{card['architecture']['class']}` {json.dumps(card['architecture']['config'])}",
-        f"* Noise range: {json.dumps(card.get('sigma'))}",
+        f"* Architecture: `{json.dumps(card.get('architecture'))}`",
+        f"* Noise range: {json.dumps(card.get('sigma'))}" if card.get("sigma") else "",
         f"* sha256 of the weights: `{card.get('sha256')}`",
         "",
         "## Measured skill",

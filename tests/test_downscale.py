@@ -322,3 +322,12 @@ def test_bf16_fast_path_agrees_with_fp32(cm_model, coarse):
     t32 = cm_model.transform.forward(xdownscale.convert_units(fp32, cm_model.variable["units"]))
     t16 = cm_model.transform.forward(xdownscale.convert_units(bf16, cm_model.variable["units"]))
     assert float(abs(t32 - t16).max()) < 2e-2
+
+
+def test_error_spatial_chunks_that_cannot_be_merged(cm_model, coarse, monkeypatch):
+    import xdownscale.api as api
+    from xdownscale.errors import ChunkingError
+
+    monkeypatch.setattr(api, "MAX_FIELD_BYTES", 16)
+    with pytest.raises(ChunkingError, match="too large to become one chunk"):
+        coarse.chunk({"lat": 2}).downscale.cm(model=cm_model.path, scale="200 km")
