@@ -57,6 +57,16 @@ def _per_member(fn: Any, field: xr.DataArray, *args: Any, **kwargs: Any) -> floa
     return float(fn(field, *args, **kwargs))
 
 
+def _blocks(n: int, days: int, block: int = 10) -> np.ndarray:
+    """About ``days`` indices out of ``n``: blocks of ``block`` consecutive days spread evenly (the
+    models are daily models, so a subset keeps daily steps)."""
+    if days >= n:
+        return np.arange(n)
+    nblocks = max(1, days // block)
+    starts = np.linspace(0, n - block, nblocks).round().astype(int)
+    return np.unique(np.concatenate([np.arange(s, min(s + block, n)) for s in starts]))
+
+
 def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespace) -> tuple[dict, dict, Any]:
     """Downscale the test winters of ``coarse`` with every method; fields in mm/day."""
     test = coarse.sel(time=TEST)
@@ -88,7 +98,7 @@ def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespac
         )
         fields[name] = _mm(out).load()
         seconds[name] = (time.perf_counter() - t0) / (test.sizes["time"] * args.members)
-    subset = test.isel(time=slice(0, None, max(1, test.sizes["time"] // args.sde_days)))
+    subset = test.isel(time=_blocks(test.sizes["time"], args.sde_days))
     sde_scale = xdownscale.Scale(scale.wavenumber, scale.wavelength_km, scale.sigma)
     t0 = time.perf_counter()
     out = subset.downscale.sde(
@@ -252,7 +262,7 @@ def scale_sweep(
     coarse: xr.DataArray, cm: Any, truth: xr.DataArray, sigmas: list[float], scale: Any, days: int
 ) -> list[dict]:
     test = coarse.sel(time=TEST)
-    test = test.isel(time=slice(0, None, max(1, test.sizes["time"] // days)))
+    test = test.isel(time=_blocks(test.sizes["time"], days))
     hist = coarse.sel(time=HIST)
     native = _mm(test).load()
     reference = _mm(test.downscale.prepare(model=cm, transform=False, qdm=True, hist=hist)).load()
@@ -332,7 +342,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.members, args.sde_days, args.sde_steps, args.sweep_days = 2, 4, 20, 10
+        args.members, args.sde_days, args.sde_steps, args.sweep_days = 2, 10, 20, 10
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
     cm = xdownscale.load_model(CM_NAME)

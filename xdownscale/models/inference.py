@@ -13,9 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,20 +112,6 @@ def time_keys(times: Sequence[Any]) -> np.ndarray:
     return out
 
 
-@contextmanager
-def _native_cpu_kernels() -> Iterator[None]:
-    with warnings.catch_warnings():  # torch warns about TF32 on Intel GPUs whenever the flag is set
-        warnings.simplefilter("ignore", UserWarning)
-        flags = torch.backends.mkldnn.flags(enabled=False)
-        flags.__enter__()
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flags.__exit__(None, None, None)
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only
@@ -148,12 +133,12 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    """bfloat16 autocast, or for fp32 on the CPU the native (non-oneDNN) kernels, whose results per
-    sample do not depend on the batch size (oneDNN's GEMMs pick kernels by batch size)."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        if device.type == "cpu":
-            return _native_cpu_kernels()
+    """bfloat16 autocast, or nothing for fp32.
+
+    The fastest kernels (oneDNN on the CPU, cuDNN on CUDA) may round the last bit of a sample
+    differently for different batch sizes; the noise never depends on the batch, so results agree
+    to float rounding for any batching, and bit for bit where batches line up."""
+    if resolve_precision(device, precision) == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
