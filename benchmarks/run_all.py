@@ -94,12 +94,6 @@ def parse_downscale(_: str, js: Path) -> list[Row]:
         ("downscale --quick", ".downscale.cm / bare network speed (CPU fp32)", f"{a['ratio']:.2f}", ">= 0.9"),
         (
             "downscale --quick",
-            "  same, bare with the pipeline's kernels",
-            f"{a['ratio_same_kernels']:.2f}",
-            "-",
-        ),
-        (
-            "downscale --quick",
             f"CM vs SDE 500 steps per field ({b['steps_measured']} steps scaled)",
             f"{b['ratio']:.0f}x",
             ">= 400x",
