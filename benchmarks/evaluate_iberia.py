@@ -416,7 +416,8 @@ def write_report(sections: list, args: argparse.Namespace) -> None:
         "averaged over members. CRPS is not reported: with unpaired data there is no observation for a given "
         "day to score an ensemble against; the ensemble spread is given instead.",
         "",
-        f"Run: {args.members} CM members per day; SDE bridge on {args.sde_days} evenly spaced test days with "
+        f"Run: {args.members} CM members per day; SDE bridge on {args.sde_days} test days (blocks of 10 "
+        "consecutive days spread over the test winters) with "
         f"{args.sde_steps} steps; scale sweep on {args.sweep_days} days. Machine: "
         f"{platform.processor() or 'CPU'} "
         f"({platform.machine()}), seconds per field measured on it for the whole pipeline.",
