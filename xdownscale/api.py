@@ -26,7 +26,6 @@ member), so the result does not depend on chunking, batch size or the number of 
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import warnings
 from pathlib import Path
@@ -70,17 +69,6 @@ def _label(da: xr.DataArray) -> str:
     return f"'{da.name}'" if da.name is not None else "the input"
 
 
-def _time_step_days(da: xr.DataArray, time: str) -> float | None:
-    values = da[time].values
-    if values.size < 2:
-        return None
-    if np.issubdtype(values.dtype, np.datetime64):
-        steps = np.diff(values).astype("timedelta64[s]").astype(float)
-    else:
-        steps = np.array([(b - a).total_seconds() for a, b in itertools.pairwise(values)])
-    return float(np.median(steps)) / 86400.0
-
-
 def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, Grid, str]:
     if isinstance(da, xr.Dataset):
         names = list(da.data_vars)
@@ -94,11 +82,12 @@ def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, 
         raise InputError(f"downscale needs an xarray.DataArray, got {type(da).__name__}.")
     grid = find_grid(da)
     time = find_time(da)
-    from .xr.units import check_units_kind
+    from .xr.units import check_units_kind, time_step_seconds
 
     check_units_kind(da, model.variable["kind"], units=units, model=model.name)
     frequency = str(getattr(model, "frequency", "") or "")
-    step = _time_step_days(da, time)
+    seconds = time_step_seconds(da)
+    step = None if seconds is None else seconds / 86400.0
     if frequency.upper() in ("1D", "D", "DAY", "DAILY") and step is not None and abs(step - 1.0) > 0.01:
         raise InputError(
             f"{_label(da)} has a time step of {step:g} days; model '{model.name}' was trained on daily "

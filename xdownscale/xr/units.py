@@ -47,6 +47,7 @@ __all__ = [
     "format_units",
     "parse_units",
     "quantity_kind",
+    "time_step_seconds",
 ]
 
 Kind = Literal["precipitation", "temperature", "other"]
@@ -138,7 +139,7 @@ def _is_amount(unit: pint.Unit) -> bool:
     return unit.dimensionality in (_LENGTH, _MASS_PER_AREA)
 
 
-def _time_step_seconds(da: xr.DataArray) -> float | None:
+def time_step_seconds(da: xr.DataArray) -> float | None:
     """Median time step of ``da`` in seconds, or None when it has no time axis (or one step)."""
     tname = find_time(da, required=False)
     if tname is None or da.sizes[tname] < 2 or tname not in da.coords:
@@ -170,7 +171,7 @@ def _per_day_if_daily(da: xr.DataArray, unit: pint.Unit, text: str) -> pint.Unit
     """An amount ("mm", "kg m-2") on daily steps is a rate per day; elsewhere it is an error."""
     if not _is_amount(unit):
         return unit
-    step = _time_step_seconds(da)
+    step = time_step_seconds(da)
     if step is not None and abs(step - _DAY_SECONDS) <= 60.0:
         return unit / ureg.day
     hours = None if step is None else step / 3600.0
