@@ -435,26 +435,8 @@ def slams(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> xr.DataArray:
-    return _assimilate(
-        "slams",
-        background,
-        model=model,
-        stations=stations,
-        satellite=satellite,
-        observations=observations,
-        stations_std=stations_std,
-        satellite_std=satellite_std,
-        background_std=background_std,
-        members=members,
-        steps=steps,
-        corrections=corrections,
-        tau=tau,
-        gamma=gamma,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    # every argument is passed on as it is: the two methods differ only in the model kind
+    return _assimilate("slams", **locals())
 
 
 def sda(
@@ -477,26 +459,8 @@ def sda(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> xr.DataArray:
-    return _assimilate(
-        "sda",
-        background,
-        model=model,
-        stations=stations,
-        satellite=satellite,
-        observations=observations,
-        stations_std=stations_std,
-        satellite_std=satellite_std,
-        background_std=background_std,
-        members=members,
-        steps=steps,
-        corrections=corrections,
-        tau=tau,
-        gamma=gamma,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    # every argument is passed on as it is: the two methods differ only in the model kind
+    return _assimilate("sda", **locals())
 
 
 slams.__doc__ = _DOC.format(what="latent score-based data assimilation (SLAMS, Qu et al. 2024)", kind="slams")
