@@ -11,10 +11,12 @@ import pytest
 import xarray as xr
 
 from xdownscale.datasets import synthetic_precipitation
-from xdownscale.errors import InputError, MissingCoordinateError, UnitError
+from xdownscale.errors import InputError, MissingCoordinateError, UnitError, XDownscaleWarning
 from xdownscale.xr.cf import find_grid, find_time
 from xdownscale.xr.units import (
+    cf_names,
     check_units_kind,
+    clip_negative,
     convert_units,
     format_units,
     parse_units,
@@ -334,3 +336,61 @@ def test_every_iberia_file(iberia_dir):
         )
         with pytest.raises(UnitError, match=r"'rr' has units 'mm'.*units='mm/\(6 h\)'"):
             convert_units(rr, "mm/day")
+
+
+# -- water depths, negative values and CF names (issue 15) -----------------------------------------
+@pytest.mark.parametrize("units", ["mm", "cm", "m", "mm/day", "m s-1", "in/day", "kg m-2", "kg m-2 s-1"])
+def test_water_depths_and_fluxes_are_precipitation(units):
+    check_units_kind(daily([1.0, 2.0], units), "precipitation", model="cm-x")
+
+
+@pytest.mark.parametrize(("units", "length"), [("furlongs", "furlong"), ("km/day", "kilometer")])
+def test_a_length_that_is_not_a_water_depth_is_refused(units, length):
+    with pytest.raises(
+        UnitError, match=rf"'pr' has units '{units}', a length \({length}\) that is not a depth of water"
+    ):
+        check_units_kind(daily([1.0, 2.0], units), "precipitation", model="cm-x")
+    assert quantity_kind(daily([1.0, 2.0], units)) == "other"
+
+
+def test_clip_negative_counts_eager_and_lazy():
+    pr = daily([-1.0, 0.5, -2.0, np.nan], "mm/day")
+    with pytest.warns(XDownscaleWarning, match=r"'pr' has 2 negative values \(lowest -2 mm/day\)"):
+        out = clip_negative(pr)
+    np.testing.assert_array_equal(out.values, [0.0, 0.5, 0.0, np.nan])
+    assert clip_negative(daily([0.0, 1.0], "mm/day")).identical(daily([0.0, 1.0], "mm/day"))
+    lazy = clip_negative(pr.chunk({"time": 2}))
+    with pytest.warns(XDownscaleWarning, match="1 negative value in one dask chunk"):
+        values = lazy.compute(scheduler="synchronous").values
+    np.testing.assert_array_equal(values, [0.0, 0.5, 0.0, np.nan])
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({"units": "kg m-2 s-1"}, "precipitation_flux"),
+        ({"units": "kg m-2 s-1", "standard_name": "lwe_precipitation_rate"}, "precipitation_flux"),
+        ({"units": "mm/day", "standard_name": "precipitation_flux"}, "lwe_precipitation_rate"),
+        ({"units": "mm"}, "lwe_thickness_of_precipitation_amount"),
+        (
+            {"units": "Kg/m^2/s", "standard_name": "convective_precipitation_flux"},
+            "convective_precipitation_flux",
+        ),
+        ({"units": "mm d-1", "standard_name": "my_own_name"}, "my_own_name"),
+    ],
+)
+def test_cf_names_follow_the_units(attrs, expected):
+    names = cf_names(daily([1.0, 2.0], **{"units": attrs.pop("units")}, **attrs), "precipitation")
+    assert names["standard_name"] == expected
+
+
+def test_cf_names_keep_the_inputs_long_name():
+    pr = daily([1.0, 2.0], "mm/day", long_name="CNRM-CM5 precipitation")
+    assert cf_names(pr, "precipitation")["long_name"] == "CNRM-CM5 precipitation"
+    assert cf_names(daily([1.0, 2.0], "mm/day"), "precipitation") == {
+        "standard_name": "lwe_precipitation_rate",
+        "long_name": "precipitation",
+    }
+    assert (
+        cf_names(daily([280.0, 281.0], "K", name="tas"), "temperature")["standard_name"] == "air_temperature"
+    )

@@ -295,9 +295,11 @@ def grid_spacing_km(obj: xr.DataArray | xr.Dataset, grid: Grid | None = None) ->
         )
         return float(np.nanmean(dy)), float(np.nanmean(dx))
     la = np.asarray(lat.values, dtype=float)
-    lo = np.unwrap(np.deg2rad(np.asarray(lon.values, dtype=float)))
+    lo = np.asarray(lon.values, dtype=float)
     dy = float(np.mean(np.abs(np.diff(la)))) * KM_PER_DEGREE if la.size > 1 else float("nan")
-    dlon = float(np.rad2deg(np.mean(np.abs(np.diff(lo))))) if lo.size > 1 else float("nan")
+    # median of the steps taken modulo 360: a 0..360 axis cut across the Greenwich meridian and stored
+    # sorted (0.7, 2.1, ..., 345.9, ...) has one jump that is not a grid step
+    dlon = float(np.median(np.abs((np.diff(lo) + 180.0) % 360.0 - 180.0))) if lo.size > 1 else float("nan")
     dx = dlon * KM_PER_DEGREE * float(np.mean(np.cos(np.deg2rad(la))))
     return dy, dx
 

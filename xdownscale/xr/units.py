@@ -29,6 +29,7 @@ Examples
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Literal
 
 import cf_xarray.units  # noqa: F401  (teaches the registry CF strings such as "kg m-2 s-1")
@@ -37,12 +38,14 @@ import pint
 import xarray as xr
 from cf_xarray.units import units as ureg
 
-from ..errors import InputError, UnitError
+from ..errors import InputError, UnitError, XDownscaleWarning
 from .cf import find_time
 
 __all__ = [
     "WATER_DENSITY",
+    "cf_names",
     "check_units_kind",
+    "clip_negative",
     "convert_units",
     "format_units",
     "parse_units",
@@ -95,6 +98,9 @@ _TEMPERATURE = ureg.Unit("K").dimensionality
 _LENGTH = ureg.Unit("mm").dimensionality
 _MASS_PER_AREA = ureg.Unit("kg m-2").dimensionality
 _DAY_SECONDS = 86400.0
+#: lengths that are read as a depth of liquid water (precipitation); any other length (km, furlong,
+#: mile, ...) is refused for precipitation
+WATER_DEPTH_UNITS = ("millimeter", "centimeter", "meter", "inch")
 
 
 def _label(da: xr.DataArray) -> str:
@@ -238,11 +244,28 @@ def parse_units(da: xr.DataArray, units: str | pint.Unit | None = None) -> pint.
     return _per_day_if_daily(da, unit, text.strip())
 
 
+def _lengths(unit: pint.Unit) -> list[str]:
+    """Names of the length units in the numerator of ``unit`` ("mm d-1" -> ["millimeter"])."""
+    names = []
+    for name, power in unit._units.items():
+        if isinstance(power, (int, float)) and power > 0 and ureg.Unit(name).dimensionality == _LENGTH:
+            names.append(str(name))
+    return names
+
+
+def _is_water_depth(unit: pint.Unit) -> bool:
+    """A depth rate or amount whose length is a water depth (mm, cm, m, inch), not e.g. furlongs."""
+    if unit.dimensionality not in (_DEPTH_RATE, _LENGTH):
+        return True
+    names = _lengths(unit)
+    return bool(names) and all(n in WATER_DEPTH_UNITS for n in names)
+
+
 def _kind_of_unit(unit: pint.Unit) -> str:
     dims = unit.dimensionality
     if dims == _TEMPERATURE:
         return "temperature"
-    if dims in (_DEPTH_RATE, _WATER_FLUX):
+    if dims == _WATER_FLUX or (dims == _DEPTH_RATE and _is_water_depth(unit)):
         return "precipitation"
     return "other"
 
@@ -401,6 +424,14 @@ def check_units_kind(
     if expected_kind not in KINDS:
         raise InputError(f"expected_kind={expected_kind!r} is not one of {', '.join(map(repr, KINDS))}.")
     unit = parse_units(da, units)
+    if expected_kind == "precipitation" and not _is_water_depth(unit):
+        shown = da.attrs.get("units") if units is None else units
+        raise UnitError(
+            f"{_label(da)} has units '{shown}', a length ({', '.join(_lengths(unit))}) that is not a depth "
+            f"of water; {'model ' + repr(model) if model else 'the caller'} expects precipitation as a "
+            "water depth per time (mm/day, m s-1) or a water flux (kg m-2 s-1). Pass units='mm/day' (or "
+            "the right units) if the attribute is wrong, or convert the data."
+        )
     kind = _kind_of(da, unit)
     if kind != expected_kind:
         shown = da.attrs.get("units") if units is None else units
@@ -416,3 +447,147 @@ def check_units_kind(
             "units= if the units attribute is wrong."
         )
     return unit
+
+
+def _negative_message(label: str, units: str, count: int, minimum: float, where: str) -> str:
+    return (
+        f"{label} has {count} negative value{'s' if count != 1 else ''}{where} (lowest {minimum:.3g}"
+        f"{' ' + str(units) if units else ''}); precipitation cannot be negative, so they are set to 0. "
+        "Negative values usually come from interpolation or packing in the source data; clip them "
+        "yourself (da.clip(min=0)) to silence this warning."
+    )
+
+
+def _clip_block(values: np.ndarray, label: str, units: str) -> np.ndarray:
+    negative = values < 0
+    count = int(negative.sum())
+    if count:
+        message = _negative_message(label, units, count, float(values[negative].min()), " in one dask chunk")
+        warnings.warn(message, XDownscaleWarning, stacklevel=2)
+        values = np.where(negative, 0, values).astype(values.dtype, copy=False)
+    return values
+
+
+def clip_negative(da: xr.DataArray) -> xr.DataArray:
+    """Set negative precipitation to 0, warning how many values were negative.
+
+    NaN stays NaN. NumPy input is counted at once; dask input stays lazy and warns, per chunk, when it
+    is computed.
+
+    Warns
+    -----
+    XDownscaleWarning
+        Some values were negative; the message gives their number and the lowest value.
+
+    Examples
+    --------
+    >>> import warnings, xarray as xr
+    >>> pr = xr.DataArray([-0.5, 0.0, 2.0], dims="x", name="pr", attrs={"units": "mm/day"})
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     clip_negative(pr).values.tolist(), "1 negative value" in str(caught[0].message)
+    ([0.0, 0.0, 2.0], True)
+    """
+    label, units = _label(da), str(da.attrs.get("units", ""))
+    if da.chunks is not None:
+        import dask.array as dsa
+
+        data = dsa.map_blocks(
+            _clip_block, da.data, label, units, dtype=da.dtype, name="xdownscale-clip-negative"
+        )
+        return da.copy(data=data)
+    values = np.asarray(da.values)
+    negative = values < 0
+    count = int(negative.sum())
+    if not count:
+        return da
+    warnings.warn(
+        _negative_message(label, units, count, float(values[negative].min()), ""),
+        XDownscaleWarning,
+        stacklevel=3,
+    )
+    return da.copy(data=np.where(negative, 0, values).astype(values.dtype, copy=False))
+
+
+#: CF standard names of precipitation and temperature, with the units class each one goes with
+_STANDARD_NAMES: dict[str, str] = {
+    "precipitation_flux": "water_flux",
+    "convective_precipitation_flux": "water_flux",
+    "stratiform_precipitation_flux": "water_flux",
+    "lwe_precipitation_rate": "depth_rate",
+    "lwe_convective_precipitation_rate": "depth_rate",
+    "lwe_stratiform_precipitation_rate": "depth_rate",
+    "precipitation_amount": "mass_amount",
+    "lwe_thickness_of_precipitation_amount": "depth_amount",
+    "air_temperature": "temperature",
+}
+_DEFAULT_NAME = {
+    "water_flux": "precipitation_flux",
+    "depth_rate": "lwe_precipitation_rate",
+    "mass_amount": "precipitation_amount",
+    "depth_amount": "lwe_thickness_of_precipitation_amount",
+    "temperature": "air_temperature",
+}
+
+
+def _units_class(unit: pint.Unit) -> str | None:
+    dims = unit.dimensionality
+    if dims == _WATER_FLUX:
+        return "water_flux"
+    if dims == _DEPTH_RATE:
+        return "depth_rate"
+    if dims == _MASS_PER_AREA:
+        return "mass_amount"
+    if dims == _LENGTH:
+        return "depth_amount"
+    if dims == _TEMPERATURE:
+        return "temperature"
+    return None
+
+
+def cf_names(da: xr.DataArray, kind: str) -> dict[str, str]:
+    """CF ``standard_name`` and ``long_name`` for a field with the units and names of ``da``.
+
+    The ``standard_name`` must go with the units: ``precipitation_flux`` for a water flux
+    (kg m-2 s-1), ``lwe_precipitation_rate`` for a depth rate (mm/day, m s-1),
+    ``lwe_thickness_of_precipitation_amount`` for a daily depth (mm), ``air_temperature`` for a
+    temperature. The input's own ``standard_name`` is kept when it agrees with its units (or is not one
+    this module knows); otherwise the one for its units replaces it. The input's ``long_name`` is kept;
+    without one, the kind of quantity (``"precipitation"``) is used. Nothing is taken from a model's
+    training data.
+
+    Parameters
+    ----------
+    da
+        The input field (its ``units``, ``standard_name`` and ``long_name`` attributes are read).
+    kind
+        ``"precipitation"``, ``"temperature"`` or ``"other"``.
+
+    Returns
+    -------
+    dict
+        ``standard_name`` (when one can be given) and ``long_name``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> pr = xr.DataArray([1.0], dims="x", name="pr",
+    ...                   attrs={"units": "kg m-2 s-1", "standard_name": "lwe_precipitation_rate"})
+    >>> cf_names(pr, "precipitation")
+    {'standard_name': 'precipitation_flux', 'long_name': 'precipitation'}
+    """
+    out: dict[str, str] = {}
+    given = str(da.attrs.get("standard_name", "") or "")
+    try:
+        text = da.attrs.get("units")
+        unit = _parse_string(text) if isinstance(text, str) and text.strip() else None
+    except (pint.errors.PintError, ValueError, TypeError, AttributeError):
+        unit = None
+    units_class = _units_class(unit) if unit is not None else None
+    if given and (given not in _STANDARD_NAMES or units_class in (None, _STANDARD_NAMES[given])):
+        out["standard_name"] = given
+    elif units_class is not None and kind in ("precipitation", "temperature"):
+        out["standard_name"] = _DEFAULT_NAME[units_class]
+    long_name = da.attrs.get("long_name")
+    out["long_name"] = str(long_name) if long_name else (kind if kind != "other" else str(da.name or "field"))
+    return out
