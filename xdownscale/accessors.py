@@ -1,4 +1,5 @@
-"""The ``.downscale`` accessor on :class:`xarray.DataArray`.
+"""The ``.downscale`` accessor on :class:`xarray.DataArray` (and, on :class:`xarray.Dataset`, a pointer to
+the variable to select).
 
 Accessor methods only forward to the functional API (``xdownscale.regrid``, ``xdownscale.downscale``,
 ...): they validate nothing themselves, cache nothing on the accessor and do no work at construction.
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .xr.qdm import QDM
     from .xr.spectra import Scale
 
-__all__ = ["AssimilateAccessor", "DownscaleAccessor"]
+__all__ = ["AssimilateAccessor", "DatasetDownscaleAccessor", "DownscaleAccessor"]
 
 
 @xr.register_dataarray_accessor("downscale")
@@ -179,3 +180,43 @@ class AssimilateAccessor:
         from .assimilate import sda
 
         return sda(self._da, model=model, **kwargs)
+
+
+@xr.register_dataset_accessor("downscale")
+class DatasetDownscaleAccessor:
+    """Points from ``ds.downscale.<method>`` to the DataArray to call it on.
+
+    A model downscales one variable, so every public attribute raises
+    :class:`~xdownscale.errors.InputError` naming the Dataset's data variables, e.g. "use
+    ds['pr'].downscale.cm(...)".
+
+    Examples
+    --------
+    >>> import xdownscale
+    >>> from xdownscale.datasets import synthetic_precipitation
+    >>> ds = synthetic_precipitation(ny=4, nx=4, ntime=2).to_dataset(name="pr")
+    >>> ds.downscale.cm(model="cm-eobs-iberia-0.25deg-pr")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    xdownscale.errors.InputError: ds.downscale.cm works on one variable ... ds['pr'].downscale.cm(...).
+    """
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from .errors import InputError
+
+        names = [str(n) for n in self._ds.data_vars]
+        if not names:
+            raise InputError(
+                f"ds.downscale.{name} works on one variable (a DataArray), but this Dataset has no data "
+                "variables. Open the file that holds the field to downscale."
+            )
+        gridded = [n for n in names if self._ds[n].ndim >= 3] or names
+        raise InputError(
+            f"ds.downscale.{name} works on one variable (a DataArray), but this Dataset holds {names}. "
+            f"Select it: ds['{gridded[0]}'].downscale.{name}(...)."
+        )
