@@ -43,6 +43,16 @@ class BilinearPoints:
         ``(H, W)`` of the state.
     periodic
         Wrap in x (global grids).
+    mask
+        Optional bool (H, W), True = valid cell (land for a land-only product). Corners on invalid
+        cells get no weight and the others are renormalised, so a coastal station is interpolated
+        from the land cells only instead of from the (meaningless) values under the sea mask;
+        ``valid`` is False for points whose corners with weight are all invalid.
+
+    Attributes
+    ----------
+    valid
+        Bool (N,): the point has at least one valid corner.
 
     Examples
     --------
@@ -58,6 +68,7 @@ class BilinearPoints:
         *,
         shape: tuple[int, int],
         periodic: bool = False,
+        mask: np.ndarray | None = None,
     ) -> None:
         iy_t = torch.as_tensor(np.asarray(iy, dtype=np.float64)).reshape(-1)
         ix_t = torch.as_tensor(np.asarray(ix, dtype=np.float64)).reshape(-1)
@@ -72,11 +83,28 @@ class BilinearPoints:
             )
         y0 = iy_t.floor().clamp(max=max(h - 2, 0)).long()
         x0 = ix_t.floor().clamp(max=w - 1 if periodic else max(w - 2, 0)).long()
-        self.wy = (iy_t - y0).float()
-        self.wx = (ix_t - x0).float()
+        wy = iy_t - y0
+        wx = ix_t - x0
         self.y0, self.y1 = y0, (y0 + 1).clamp(max=h - 1)
         self.x0 = x0
         self.x1 = (x0 + 1) % w if periodic else (x0 + 1).clamp(max=w - 1)
+        # corner weights (00, 01, 10, 11), shape (4, N)
+        weights = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
+        if mask is not None:
+            m = torch.as_tensor(np.asarray(mask, dtype=bool))
+            if tuple(m.shape) != (h, w):
+                raise InputError(f"mask must have the state's shape ({h}, {w}), got {tuple(m.shape)}.")
+            corners = torch.stack(
+                [m[self.y0, self.x0], m[self.y0, self.x1], m[self.y1, self.x0], m[self.y1, self.x1]]
+            )
+            weights = weights * corners
+            total = weights.sum(0)
+            #: True for points with at least one valid corner of non-zero weight
+            self.valid = (total > 1e-9).numpy()
+            weights = weights / total.clamp_min(1e-12)
+        else:
+            self.valid = np.ones(int(iy_t.numel()), dtype=bool)
+        self.weights = weights.float()
         self.shape = (h, w)
         self.size = int(iy_t.numel())
 
@@ -86,14 +114,9 @@ class BilinearPoints:
                 f"BilinearPoints expects (..., {self.shape[0]}, {self.shape[1]}), got {tuple(x.shape)}."
             )
         d = x.device
-        wy, wx = self.wy.to(d, x.dtype), self.wx.to(d, x.dtype)
+        w = self.weights.to(d, x.dtype)
         y0, y1, x0, x1 = (i.to(d) for i in (self.y0, self.y1, self.x0, self.x1))
-        return (
-            x[..., y0, x0] * (1 - wy) * (1 - wx)
-            + x[..., y0, x1] * (1 - wy) * wx
-            + x[..., y1, x0] * wy * (1 - wx)
-            + x[..., y1, x1] * wy * wx
-        )
+        return x[..., y0, x0] * w[0] + x[..., y0, x1] * w[1] + x[..., y1, x0] * w[2] + x[..., y1, x1] * w[3]
 
 
 class AreaAverage:
