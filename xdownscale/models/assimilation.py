@@ -164,6 +164,43 @@ class AssimilationModel:
             self.transform.inverse(np.asarray(values, dtype=np.float64) * self.scale + self.offset)
         )
 
+    @property
+    def nonlinear(self) -> bool:
+        """True when the model space is a nonlinear (log) function of the physical units (precipitation):
+        averages and interpolation must then be taken in physical units (no Jensen bias)."""
+        return bool(self.transform.log)
+
+    def _log_affine(self) -> tuple[float, float]:
+        """``(a, b)`` with model space ``= a * u + b``, ``u = log1p(x / eps)`` (log) or ``u = x``."""
+        lo, hi = float(self.transform.lo), float(self.transform.hi)
+        a = 2.0 / (hi - lo) / self.scale
+        return a, (-2.0 * lo / (hi - lo) - 1.0 - self.offset) / self.scale
+
+    def model_space_bounds(self, margin: float = 0.5) -> tuple[float, float]:
+        """Model-space values of the training minimum and maximum, widened by ``margin`` times their
+        distance on each side: the range a state is clamped to before it is taken to physical units
+        inside the likelihood (an unclamped exponential of a noisy early estimate overflows)."""
+        lo_ms, hi_ms = (
+            float(v)
+            for v in self.to_model_space(np.array([self.transform.data_min, self.transform.data_max]))
+        )
+        width = hi_ms - lo_ms
+        return lo_ms - margin * width, hi_ms + margin * width
+
+    def to_model_space_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable :meth:`to_model_space` on a tensor in physical units."""
+        a, b = self._log_affine()
+        u = torch.log1p(x.clamp_min(0.0) / float(self.transform.eps)) if self.transform.log else x
+        return a * u + b
+
+    def from_model_space_torch(self, z: torch.Tensor) -> torch.Tensor:
+        """Differentiable :meth:`from_model_space` on a tensor; values are first clamped to
+        :meth:`model_space_bounds`."""
+        lo, hi = self.model_space_bounds()
+        a, b = self._log_affine()
+        u = (z.clamp(lo, hi) - b) / a
+        return float(self.transform.eps) * torch.expm1(u).clamp_min(0.0) if self.transform.log else u
+
     def to(self, device: str | torch.device) -> AssimilationModel:
         """Move the networks to ``device``; returns ``self``."""
         self.device = torch.device(device)
