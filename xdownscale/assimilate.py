@@ -33,13 +33,22 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import InputError, MissingCoordinateError, UnitError, XDownscaleWarning
+from .errors import GridMismatchError, InputError, MissingCoordinateError, UnitError, XDownscaleWarning
 from .xr.cf import find_grid, find_time, standard_layout
 
-__all__ = ["sda", "slams"]
+__all__ = ["PhysicalRangeWarning", "estimate_observation_error", "optimal_interpolation", "sda", "slams"]
 
 #: fewer predictor steps than this give a warning
 MIN_STEPS = 32
+#: default predictor steps and members (the best-scoring settings of docs/evaluation-assimilation.md)
+DEFAULT_STEPS = 64
+DEFAULT_MEMBERS = 16
+#: with ``progress=None`` a progress bar is shown from this many network calls on
+PROGRESS_WORK = 2000
+
+
+class PhysicalRangeWarning(XDownscaleWarning):
+    """The analysis has values outside the physically plausible range of the model's variable."""
 
 
 def _load(model: Any, kind: str, device: str | None) -> Any:
@@ -120,6 +129,47 @@ def _classify(da: xr.DataArray) -> str:
         ) from None
 
 
+def _masked_area_weights(weights: Any, mask: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Area-averaging weights restricted to the valid cells of ``mask`` (rows renormalised); rows with no
+    valid cell are dropped. Returns (weights, kept rows)."""
+    import scipy.sparse as sp
+
+    w = sp.csr_matrix(weights) @ sp.diags(mask.ravel().astype(np.float64))
+    rows = np.asarray(w.sum(axis=1)).ravel()
+    keep = rows > 1e-9
+    w = sp.diags(1.0 / rows[keep]) @ w[np.flatnonzero(keep)]
+    return sp.csr_matrix(w), keep
+
+
+def _auto_progress(progress: bool | None, work: int) -> bool:
+    """``progress=None``: a bar when the sampling makes at least :data:`PROGRESS_WORK` network calls."""
+    return bool(work >= PROGRESS_WORK) if progress is None else bool(progress)
+
+
+def _check_plausible(phys: np.ndarray, m: Any, label: str) -> None:
+    """Warn about analysis values outside the model's training range widened by half its width
+    (and below zero for precipitation): physically implausible values."""
+    lo, hi = float(m.transform.data_min), float(m.transform.data_max)
+    width = hi - lo
+    upper = hi + 0.5 * width
+    lower = 0.0 if m.transform.log else lo - 0.5 * width
+    finite = phys[np.isfinite(phys)]
+    if finite.size == 0:
+        return
+    bad = (finite > upper) | (finite < lower)
+    if bad.any():
+        units = m.variable["units"]
+        warnings.warn(
+            f"The analysis of {label} has {int(bad.sum())} values outside the plausible range "
+            f"[{lower:.4g}, {upper:.4g}] {units} (the training range of model '{m.name}' widened by half its "
+            f"width), from {finite.min():.4g} to {finite.max():.4g} {units}: the sampler has left the "
+            "model's distribution. Check the observation errors (too small ones over-fit) and the units of "
+            "the observations, or use more steps.",
+            PhysicalRangeWarning,
+            stacklevel=4,
+        )
+
+
 def _assimilate(
     kind: str,
     background: xr.DataArray,
@@ -139,7 +189,7 @@ def _assimilate(
     seed: int,
     device: str | None,
     batch_size: int | None,
-    progress: bool,
+    progress: bool | None,
 ) -> xr.DataArray:
     import torch
 
@@ -156,7 +206,7 @@ def _assimilate(
     if steps < MIN_STEPS:
         warnings.warn(
             f"steps={steps} is a coarse discretisation of the reverse SDE (below {MIN_STEPS}); the analysis "
-            "can be inaccurate, and unstable for very precise observations. The paper uses 512.",
+            f"can be inaccurate, and unstable for very precise observations. The default is {DEFAULT_STEPS}.",
             XDownscaleWarning,
             stacklevel=3,
         )
@@ -171,6 +221,7 @@ def _assimilate(
             f"{label} has the dimensions {extra} besides time and the grid; model '{m.name}' assimilates one "
             f"variable on one level. Select one, e.g. background.isel({extra[0]}=0)."
         )
+    source_units = background.attrs.get("units")
     try:
         bg = convert_units(background, units)
     except UnitError as err:
@@ -183,8 +234,16 @@ def _assimilate(
     K = m.window
     length = max(n_time, K)
     dev = m.device
+    mask = m.mask
 
-    # (name, operator, y (length, 1, M), std (length, 1, M)) in the model space
+    def physical(op: Any) -> Any:
+        """Operators act on the state in physical units (area means and interpolation of precipitation,
+        not of its logarithm: no Jensen bias), and their output is compared in the model space."""
+        if not m.nonlinear:
+            return op
+        return lambda x: m.to_model_space_torch(op(m.from_model_space_torch(x)))
+
+    # (name, operator on the model-space state, y (length, 1, M), std (length, 1, M)) in the model space
     mods: list[tuple[str, Any, np.ndarray, np.ndarray]] = []
 
     def pad(values: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,12 +253,22 @@ def _assimilate(
         yp[:n_time], sp_[:n_time] = y, s
         return yp[:, None], sp_[:, None]
 
+    def area(name: str, weights: Any, values: np.ndarray, std: np.ndarray) -> None:
+        w, keep = _masked_area_weights(weights, mask)
+        if not keep.any():
+            raise GridMismatchError(
+                f"No pixel of {name} overlaps a valid cell of model '{m.name}' (its grid has "
+                f"{int(mask.sum())} valid cells); pass data over the model's land cells."
+            )
+        y, s = pad(values[:, keep], np.broadcast_to(std, keep.shape)[keep])
+        mods.append((name, physical(AreaAverage(w, shape=(ny, nx))), y, s))
+
     bstd = float(background_std if background_std is not None else m.background_std)
     if not np.isfinite(bstd) or bstd <= 0:
         raise InputError(f"background_std must be a positive number (in '{units}'), got {background_std!r}.")
     if _same_grid(bg, m.grid):
         vals = np.asarray(bg.values, dtype=np.float64)
-        vals = np.where(m.mask[None], vals, np.nan)
+        vals = np.where(mask[None], vals, np.nan)
         if not np.isfinite(vals).any():
             raise InputError(
                 f"All values of the background {label} are missing (NaN); nothing to assimilate."
@@ -208,8 +277,7 @@ def _assimilate(
         mods.append(("background", lambda x: x.flatten(-2), y, s))
     else:
         sat = satellite_on_grid(bg, template, std=bstd)
-        y, s = pad(sat.values, sat.std)
-        mods.append(("background", AreaAverage(sat.weights, shape=(ny, nx)), y, s))
+        area("the background", sat.weights, sat.values, sat.std)
 
     extra_obs: list[tuple[str, xr.DataArray, Any, str]] = []
     if stations is not None:
@@ -227,13 +295,28 @@ def _assimilate(
             raise InputError(f"{name} must be an xarray.DataArray, got {type(da).__name__}.")
         if what == "stations":
             so = stations_on_grid(da, template, std=std)
-            op: Any = BilinearPoints(so.iy, so.ix, shape=(ny, nx), periodic=m.periodic)
+            op = BilinearPoints(so.iy, so.ix, shape=(ny, nx), periodic=m.periodic, mask=mask)
+            if not op.valid.any():
+                raise GridMismatchError(
+                    f"All {len(so.names)} stations of {name} lie on cells that model '{m.name}' masks "
+                    "(e.g. sea in a land-only product); none can be assimilated."
+                )
+            if not op.valid.all():
+                dropped = [n for n, v in zip(so.names, op.valid, strict=True) if not v]
+                warnings.warn(
+                    f"{len(dropped)} of {len(so.names)} stations of {name} have only masked cells (e.g. sea) "
+                    f"of model '{m.name}' around them and are dropped: {', '.join(dropped)}.",
+                    XDownscaleWarning,
+                    stacklevel=3,
+                )
+                k = op.valid
+                op = BilinearPoints(so.iy[k], so.ix[k], shape=(ny, nx), periodic=m.periodic, mask=mask)
+                so.values, so.std = so.values[:, k], so.std[k]
             y, s = pad(so.values, so.std)
+            mods.append((name, physical(op), y, s))
         else:
             sa = satellite_on_grid(da, template, std=std)
-            op = AreaAverage(sa.weights, shape=(ny, nx))
-            y, s = pad(sa.values, sa.std)
-        mods.append((name, op, y, s))
+            area(name, sa.weights, sa.values, sa.std)
 
     sde = VPSDE(float(m.card["assimilation"].get("eta", ETA)))
     prior = WindowedEps(m.score_net, K, sde)
@@ -251,12 +334,9 @@ def _assimilate(
         sample_shape = (length, 1, ny, nx)
         decoder = None  # type: ignore[assignment]
 
-    def operator(op: Any) -> Any:
-        return lambda x: op(x)
-
     modalities = [
         Modality(
-            operator(op),
+            op,
             torch.as_tensor(y, dtype=torch.float32, device=dev),
             torch.as_tensor(s, dtype=torch.float32, device=dev),
             name,
@@ -269,10 +349,11 @@ def _assimilate(
     bsz = int(batch_size or members)
     outs = []
     bar = None
-    if progress:
+    n_batches = -(-members // bsz)
+    if _auto_progress(progress, steps * (1 + corrections) * members * max(length - K + 1, 1)):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * -(-members // bsz), desc=f"{kind} analysis", leave=False)
+        bar = tqdm(total=steps * n_batches, desc=f"{kind} analysis", leave=False)
     for i in range(0, members, bsz):
         noise = KeyedNoise(keys[i : i + bsz], seed=int(seed), shape=sample_shape, device=dev)
         x = sample_vp(
@@ -292,7 +373,8 @@ def _assimilate(
         bar.close()
     analysis = np.concatenate(outs)  # (member, time, ny, nx) in the model space
     phys = np.asarray(m.from_model_space(analysis), dtype=np.float32)
-    phys = np.where(m.mask[None, None], phys, np.nan).transpose(1, 0, 2, 3)
+    phys = np.where(mask[None, None], phys, np.nan).transpose(1, 0, 2, 3)
+    _check_plausible(phys, m, label)
     ydim, xdim = m.card["grid"]["dims"]
     out = xr.DataArray(
         phys,
@@ -313,6 +395,8 @@ def _assimilate(
             units=units,
         ),
     )
+    if source_units is not None:
+        out = convert_units(out, str(source_units))
     return out
 
 
@@ -362,13 +446,265 @@ def _attrs(
     return attrs
 
 
+def _points_on(field: xr.DataArray, stations: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
+    """``field`` (time, lat, lon) bilinearly at the stations, from its valid (finite) cells only:
+    (time, station) values (NaN for stations outside or among missing cells) and the inside mask."""
+    import torch
+
+    from .core.observations import BilinearPoints
+    from .xr.observations import station_indices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        iy, ix, inside = station_indices(stations, field)
+    g = find_grid(field)
+    vals = np.asarray(field.transpose(find_time(field), g.ydim, g.xdim).values, dtype=np.float64)
+    valid = np.asarray(np.isfinite(vals).all(axis=0), dtype=bool)
+    out = np.full((vals.shape[0], iy.size), np.nan)
+    if inside.any():
+        op = BilinearPoints(iy[inside], ix[inside], shape=valid.shape, periodic=g.periodic, mask=valid)
+        at = op(torch.as_tensor(np.nan_to_num(vals))).numpy()
+        at[:, ~op.valid] = np.nan
+        out[:, inside] = at
+    return out, inside
+
+
+def _station_frame(stations: xr.DataArray, background: xr.DataArray, units: str) -> tuple[np.ndarray, str]:
+    """Station values (time, station) in ``units`` on the background's time steps."""
+    from .xr.observations import _on_state_times, find_points
+    from .xr.units import convert_units
+
+    _, _, dim = find_points(stations)
+    conv = _on_state_times(convert_units(stations, units), background, "stations")
+    return np.asarray(conv.transpose(find_time(background), dim).values, dtype=np.float64), dim
+
+
+def estimate_observation_error(
+    stations: xr.DataArray, background: xr.DataArray, *, floor: float = 0.1
+) -> xr.Dataset:
+    """Estimate station and background error statistics from the background's departures at the stations.
+
+    The departures ``d = y - H(x_b)`` (the background bilinearly at the stations) have covariance
+    ``B(r) + R``: the part that is correlated between stations at distance ``r`` is background error,
+    the rest observation error (Hollingsworth & Lönnberg 1986). A Gaussian ``s_b^2 exp(-r^2 / (2 L^2))``
+    is fitted to the pair covariances; each station's error std is ``sqrt(var(d) - s_b^2)``
+    (at least ``floor`` times its departure std).
+
+    Parameters
+    ----------
+    stations
+        ``(time, station)`` observations with latitude/longitude along ``station`` and units; at least 3
+        stations and a long period (a season or more) of common days.
+    background
+        ``(time, lat, lon)`` background with units, on any grid covering the stations.
+    floor
+        Smallest error std as a fraction of each station's departure std.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``stations_std`` (station; pass it as ``stations_std=``), ``bias`` (station: mean departure),
+        attributes ``background_std`` and ``length_scale_km`` (the fitted ``s_b`` and ``L``, for
+        :func:`optimal_interpolation`), ``pairs`` and ``units`` (the background's).
+
+    Raises
+    ------
+    InputError
+        Fewer than 3 stations inside the background's domain, or too few common days.
+    UnitError
+        Station units not convertible to the background's.
+
+    Notes
+    -----
+    Caveats: the estimate holds for the period and the background it was made with (a better background
+    leaves larger relative station errors); with stations farther apart than the background's error
+    correlation, background error correlated below the station spacing is counted as observation
+    error; biases are not errors of this model (remove them first, or read ``bias``). Estimate on a
+    training period and apply the numbers to another: estimating on the days being analysed uses the
+    observations twice.
+
+    Examples
+    --------
+    >>> import xdownscale.assimilate as xa  # doctest: +SKIP
+    >>> err = xa.estimate_observation_error(stations_train, background_train)  # doctest: +SKIP
+    >>> std = err["stations_std"]  # doctest: +SKIP
+    >>> an = background.assimilate.slams(model=..., stations=st, stations_std=std)  # doctest: +SKIP
+    """
+    from .core.oi import fit_departure_covariance
+    from .xr.observations import find_points
+
+    units = background.attrs.get("units")
+    if units is None:
+        raise UnitError("The background has no units attribute; set background.attrs['units'].")
+    la, lo, _ = find_points(stations)
+    y, dim = _station_frame(stations, background, str(units))
+    hb, inside = _points_on(background, stations)
+    if int(inside.sum()) < 3:
+        raise InputError(
+            f"Only {int(inside.sum())} stations lie inside the background's domain; estimating error "
+            "statistics needs at least 3."
+        )
+    d = (y - hb)[:, inside]
+    stats = fit_departure_covariance(
+        d, np.asarray(stations[la].values)[inside], np.asarray(stations[lo].values)[inside], floor=floor
+    )
+    coord = stations[dim].isel({dim: np.flatnonzero(inside)}) if dim in stations.coords else None
+    data = {
+        "stations_std": xr.DataArray(stats.obs_std, dims=dim, attrs={"units": str(units)}),
+        "bias": xr.DataArray(stats.bias, dims=dim, attrs={"units": str(units)}),
+    }
+    ds = xr.Dataset(data, coords={dim: coord} if coord is not None else None)
+    ds.attrs.update(
+        background_std=stats.background_std,
+        length_scale_km=stats.length_km,
+        pairs=stats.pairs,
+        units=str(units),
+        method="Hollingsworth-Lonnberg fit of a Gaussian covariance to background departures",
+    )
+    return ds
+
+
+def optimal_interpolation(
+    background: xr.DataArray,
+    *,
+    stations: xr.DataArray,
+    stations_std: Any = None,
+    background_std: float | None = None,
+    length_scale_km: float | None = None,
+    grid: xr.DataArray | xr.Dataset | None = None,
+    members: int = 0,
+    seed: int = 0,
+) -> xr.DataArray:
+    """Optimal interpolation (Gaussian-covariance kriging) of station increments onto a grid.
+
+    The classic baseline of station assimilation (:mod:`xdownscale.core.oi`): the background (bilinearly
+    regridded to ``grid``) plus ``B_go (B_oo + R)^-1 (y - H x_b)`` with a Gaussian background error
+    covariance of std ``background_std`` and length ``length_scale_km``, and station error std
+    ``stations_std``.
+
+    Parameters
+    ----------
+    background
+        ``(time, lat, lon)`` with units, on any rectilinear grid.
+    stations
+        ``(time, station)`` with latitude/longitude along ``station`` and units.
+    stations_std, background_std, length_scale_km
+        Error statistics in the background's units (``stations_std`` in the stations' units: a number,
+        or a DataArray along ``station``). Any left None is estimated with
+        :func:`estimate_observation_error` from these same days (see its caveats; better estimate on a
+        training period and pass the numbers).
+    grid
+        Analysis grid (DataArray or Dataset with latitude/longitude; cells that are NaN in a DataArray's
+        first time step stay NaN); default: the background's grid.
+    members
+        Members drawn from the analysis error covariance (0: the analysis alone).
+    seed
+        For the members.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(time, lat, lon)`` or with ``members``: ``(time, member, lat, lon)``, in the background's units.
+        Precipitation (non-negative background) is clipped at 0.
+
+    Raises
+    ------
+    InputError
+        Bad error statistics, no station inside the domain, no common time step.
+    UnitError
+        Missing or inconvertible units.
+    """
+    from .core.oi import oi_analysis
+    from .xr.observations import _std_values, find_points
+    from .xr.regrid import regrid
+
+    units = background.attrs.get("units")
+    if units is None:
+        raise UnitError("The background has no units attribute; set background.attrs['units'].")
+    if int(members) < 0:
+        raise InputError(f"members must be >= 0, got {members}.")
+    tname = find_time(background)
+    target = background if grid is None else grid
+    fine = background if grid is None else regrid(background, target, method="bilinear")
+    g = find_grid(fine)
+    fine = fine.transpose(tname, g.ydim, g.xdim)
+    if isinstance(target, xr.DataArray) and grid is not None:
+        tg = find_grid(target)
+        first = target.isel({d: 0 for d in target.dims if d not in (tg.ydim, tg.xdim)})
+        land = np.isfinite(np.asarray(first.transpose(tg.ydim, tg.xdim).values))
+        fine = fine.where(xr.DataArray(land, dims=(g.ydim, g.xdim)))
+    la, lo, dim = find_points(stations)
+    y, _ = _station_frame(stations, fine, str(units))
+    hb, inside = _points_on(fine, stations)
+    if not inside.any():
+        raise InputError("No station lies inside the background's domain; nothing to interpolate.")
+    if stations_std is None or background_std is None or length_scale_km is None:
+        est = estimate_observation_error(stations, fine)
+        background_std = est.attrs["background_std"] if background_std is None else background_std
+        length_scale_km = est.attrs["length_scale_km"] if length_scale_km is None else length_scale_km
+        so = np.full(stations.sizes[dim], np.nan)
+        so[inside] = est["stations_std"].values
+    else:
+        so = np.broadcast_to(
+            _std_values(stations, stations_std, dim, "stations", "stations_std"), (stations.sizes[dim],)
+        )
+    glat = np.asarray(fine[g.lat].values, dtype=float)
+    glon = np.asarray(fine[g.lon].values, dtype=float)
+    lat2, lon2 = np.meshgrid(glat, glon, indexing="ij")
+    xb = np.asarray(fine.values, dtype=np.float64).reshape(fine.shape[0], -1)
+    ok = inside & np.isfinite(so)
+    mean, _, ens = oi_analysis(
+        xb,
+        hb[:, ok],
+        y[:, ok],
+        so[ok],
+        lat2.ravel(),
+        lon2.ravel(),
+        np.asarray(stations[la].values, dtype=float)[ok],
+        np.asarray(stations[lo].values, dtype=float)[ok],
+        background_std=float(background_std),
+        length_km=float(length_scale_km),
+        members=int(members),
+        rng=np.random.default_rng(seed),
+    )
+    nonneg = bool(np.nanmin(xb) >= 0) if np.isfinite(xb).any() else False
+    shape = fine.shape
+    attrs = {k: v for k, v in background.attrs.items() if k in ("units", "standard_name", "long_name")}
+    attrs["assimilation_config"] = json.dumps(
+        {
+            "method": "optimal_interpolation",
+            "background_std": float(background_std),
+            "length_scale_km": float(length_scale_km),
+            "members": int(members),
+            "seed": int(seed),
+        }
+    )
+    coords = {tname: fine[tname], g.lat: fine[g.lat], g.lon: fine[g.lon]}
+    if members:
+        data = ens.reshape(members, *shape).transpose(1, 0, 2, 3)
+        if nonneg:
+            data = np.maximum(data, 0.0)
+        return xr.DataArray(
+            data,
+            dims=(tname, "member", g.ydim, g.xdim),
+            coords={**coords, "member": np.arange(members)},
+            name=background.name,
+            attrs=attrs,
+        )
+    data = mean.reshape(shape)
+    if nonneg:
+        data = np.maximum(data, 0.0)
+    return xr.DataArray(data, dims=(tname, g.ydim, g.xdim), coords=coords, name=background.name, attrs=attrs)
+
+
 _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
 
     Parameters
     ----------
     background
-        The model state trajectory ``(time, lat, lon)`` with units (on the model grid, or on its own grid:
-        then its cells enter as area averages).
+        The model state trajectory ``(time, lat, lon)`` with units, on the model grid or on its own
+        (e.g. coarser) grid: then its cells enter as area averages of the state, so a coarse reanalysis
+        or model field needs no regridding first.
     model
         A ``"{kind}"`` model: name, path, or :class:`~xdownscale.models.assimilation.AssimilationModel`.
     stations
@@ -380,14 +716,17 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
         More modalities: ``{{name: (DataArray, error std)}}``.
     stations_std, satellite_std
         Observation error std in the observations' units (a number or per station); default: the
-        coordinate or attribute ``error_std``.
+        coordinate or attribute ``error_std``. Include the representativeness error (a station is a
+        point, the state a cell average): :func:`estimate_observation_error` estimates it from the
+        background's departures at the stations.
     background_std
         Background error std in the model's units; default: the model card's.
     members
-        Ensemble size.
+        Ensemble size (default {members}).
     steps, corrections, tau, gamma
-        Predictor steps (paper: 512), Langevin corrections per step (1), Langevin amplitude (0.5) and
-        likelihood stability weight (1e-2).
+        Predictor steps (default {steps}, the best-scoring setting on real data; the paper uses 512),
+        Langevin corrections per step (1), Langevin amplitude (0.5) and likelihood stability weight
+        (1e-2).
     seed
         Same seed, same ensemble (member ``m`` never depends on the batch).
     device
@@ -395,12 +734,23 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
     batch_size
         Members sampled at once (default: all).
     progress
-        Show a progress bar.
+        Show a progress bar; default (None): shown for long runs (from {work} network calls on).
 
     Returns
     -------
     xarray.DataArray
-        ``(time, member, lat, lon)`` in the model's units, with CF attributes and a history entry.
+        ``(time, member, lat, lon)`` on the model grid, in the background's units (the model's when the
+        background has none), with CF attributes and a history entry. Observation operators act on the
+        state in physical units (precipitation is averaged and interpolated as amounts, not as
+        logarithms); the likelihood compares them in the model space.
+
+    Warns
+    -----
+    PhysicalRangeWarning
+        Analysis values outside the model's training range widened by half its width.
+    XDownscaleWarning
+        Stations outside the domain or surrounded by masked (sea) cells, which are dropped; fewer
+        than {min_steps} steps.
 
     Raises
     ------
@@ -425,15 +775,15 @@ def slams(
     stations_std: Any = None,
     satellite_std: Any = None,
     background_std: float | None = None,
-    members: int = 16,
-    steps: int = 512,
+    members: int = DEFAULT_MEMBERS,
+    steps: int = DEFAULT_STEPS,
     corrections: int = 1,
     tau: float = 0.5,
     gamma: float = 1e-2,
     seed: int = 0,
     device: str | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> xr.DataArray:
     # every argument is passed on as it is: the two methods differ only in the model kind
     return _assimilate("slams", **locals())
@@ -449,21 +799,24 @@ def sda(
     stations_std: Any = None,
     satellite_std: Any = None,
     background_std: float | None = None,
-    members: int = 16,
-    steps: int = 512,
+    members: int = DEFAULT_MEMBERS,
+    steps: int = DEFAULT_STEPS,
     corrections: int = 1,
     tau: float = 0.5,
     gamma: float = 1e-2,
     seed: int = 0,
     device: str | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> xr.DataArray:
     # every argument is passed on as it is: the two methods differ only in the model kind
     return _assimilate("sda", **locals())
 
 
-slams.__doc__ = _DOC.format(what="latent score-based data assimilation (SLAMS, Qu et al. 2024)", kind="slams")
+_FMT = {"members": DEFAULT_MEMBERS, "steps": DEFAULT_STEPS, "work": PROGRESS_WORK, "min_steps": MIN_STEPS}
+slams.__doc__ = _DOC.format(
+    what="latent score-based data assimilation (SLAMS, Qu et al. 2024)", kind="slams", **_FMT
+)
 sda.__doc__ = _DOC.format(
-    what="pixel-space score-based data assimilation (SDA, Rozet & Louppe 2023)", kind="sda"
+    what="pixel-space score-based data assimilation (SDA, Rozet & Louppe 2023)", kind="sda", **_FMT
 )
