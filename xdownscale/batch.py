@@ -7,6 +7,14 @@ its zarr region, and the block's index is recorded in the store's attributes *af
 ``resume=True`` skips recorded blocks. Since every field's noise is keyed by (seed, time stamp, member),
 a job that is killed and resumed produces exactly the store an uninterrupted job would.
 
+A store is marked complete only when its last block is written: the attribute ``xdownscale_complete``
+is False (and ``xdownscale_status`` says how many blocks are written and how to resume) until then.
+:func:`check_complete` and :func:`open_input` refuse an incomplete store with a message that suggests
+``--resume``, so a half-written (killed) job is never read as if it were finished.
+
+The input is opened with each field in one chunk and ``block`` time steps per chunk; this is the
+tool's own choice, so the job does not warn about it.
+
 Before streaming, everything that needs the whole input is fixed once: ``scale="auto"`` is resolved
 from a sample of the input, and a QDM requested with ``qdm_hist`` is fitted on that period. Both are
 recorded in the store's attributes, and a resumed job reuses them.
@@ -17,43 +25,78 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
 
-from .errors import InputError
+from .errors import InputError, PerformanceWarning
 
-__all__ = ["downscale_to_store", "open_input"]
+__all__ = ["COMPLETE_ATTR", "STATUS_ATTR", "check_complete", "downscale_to_store", "open_input"]
 
 PROGRESS_ATTR = "xdownscale_done_blocks"
 JOB_ATTR = "xdownscale_job"
+#: False while a store is being written, True once its last block is in
+COMPLETE_ATTR = "xdownscale_complete"
+#: a sentence for people who open the store: complete, or how many blocks are written and how to resume
+STATUS_ATTR = "xdownscale_status"
+
+
+def check_complete(path: str | Path) -> None:
+    """Raise when ``path`` is a zarr store written by xdownscale that is not finished.
+
+    Stores from other tools (no ``xdownscale_complete`` attribute) pass.
+
+    Raises
+    ------
+    InputError
+        The store's ``xdownscale_complete`` attribute is False: a job was stopped before its last block.
+    """
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # not a zarr group we can read: leave the error to the reader
+        return
+    if attrs.get(COMPLETE_ATTR, True) is False:
+        progress = attrs.get(PROGRESS_ATTR)
+        done = len(progress) if isinstance(progress, list) else 0
+        raise InputError(
+            f"{path} is an incomplete xdownscale output: {attrs.get(STATUS_ATTR, f'{done} blocks written')}. "
+            "Finish it first: run the same 'xdownscale downscale ... --out' command again with --resume."
+        )
 
 
 def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) -> xr.DataArray:
     """Open one or many netCDF/zarr files lazily and return ``variable`` chunked along time."""
     from .xr.cf import find_time
 
-    paths = [Path(p) for p in paths]
-    missing = [str(p) for p in paths if not p.exists()]
+    files = [Path(p) for p in paths]
+    missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise InputError(f"Input file(s) not found: {', '.join(missing)}.")
-    if len(paths) == 1 and (paths[0].suffix == ".zarr" or paths[0].is_dir()):
-        ds = xr.open_zarr(paths[0])
-    elif len(paths) == 1:
-        ds = xr.open_dataset(paths[0], chunks={})
+    if len(files) == 1 and (files[0].suffix == ".zarr" or files[0].is_dir()):
+        check_complete(files[0])
+        ds = xr.open_zarr(files[0])
+    elif len(files) == 1:
+        ds = xr.open_dataset(files[0], chunks={})
     else:
-        ds = xr.open_mfdataset([str(p) for p in paths], combine="by_coords", chunks={})
+        ds = xr.open_mfdataset([str(p) for p in files], combine="by_coords", chunks={})
     if variable not in ds.data_vars:
         raise InputError(
-            f"Variable '{variable}' is not in {', '.join(map(str, paths))}; "
+            f"Variable '{variable}' is not in {', '.join(map(str, files))}; "
             f"it holds {sorted(map(str, ds.data_vars))}. "
             "Pass --variable with one of those."
         )
     da = ds[variable]
     time = find_time(da)
-    return da.chunk({time: chunks})
+    from .xr.cf import find_grid
+
+    grid = find_grid(da)
+    # each field in one chunk, `chunks` time steps per chunk: what the pipeline needs
+    return da.chunk({time: chunks, grid.ydim: -1, grid.xdim: -1})
 
 
 def _fingerprint(da: xr.DataArray, **config: Any) -> str:
@@ -125,55 +168,60 @@ def downscale_to_store(
     out = Path(out)
     if out.suffix not in (".zarr", ".nc"):
         raise InputError(f"--out {out}: expected a path ending in .zarr (resumable) or .nc (small jobs).")
-    model = _load(model)
-    time = find_time(da)
-    fitted = None
-    if qdm_hist is not None:
-        hist_fine = prepare(
-            da.sel({time: qdm_hist}),
-            model=model,
-            transform=False,
-            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+    with warnings.catch_warnings():
+        # the job chose time chunks of `block` steps itself; QDM's advice to rechunk does not apply
+        warnings.filterwarnings(
+            "ignore", message=".*QDM needs the whole time series", category=PerformanceWarning
         )
-        if hist_fine.sizes[time] == 0:
-            raise InputError(
-                f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
+        model = _load(model)
+        time = str(find_time(da))
+        fitted = None
+        if qdm_hist is not None:
+            hist_fine = prepare(
+                da.sel({time: qdm_hist}),
+                model=model,
+                transform=False,
+                **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
             )
-        fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, **qdm_defaults(model))
-        fitted = QDM.from_dataset(fitted.to_dataset().compute())
-    chosen = scale
-    if isinstance(scale, str) and scale.strip().lower() == "auto":
-        transformed = prepare(
+            if hist_fine.sizes[time] == 0:
+                raise InputError(
+                    f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
+                )
+            fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, **qdm_defaults(model))
+            fitted = QDM.from_dataset(fitted.to_dataset().compute())
+        chosen = scale
+        if isinstance(scale, str) and scale.strip().lower() == "auto":
+            transformed = prepare(
+                da,
+                model=model,
+                qdm=fitted if fitted is not None else False,
+                **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+            )
+            chosen = resolve_scale("auto", model, transformed)
+        config = dict(
+            model=model.name,
+            sha256=model.sha256,
+            method=method,
+            scale=str(chosen),
+            members=members,
+            seed=seed,
+            steps=steps,
+            qdm_hist=str(qdm_hist),
+            block=block,
+        )
+        fingerprint = _fingerprint(da, **config)
+        result = downscale(
             da,
             model=model,
+            method=method,
+            scale=chosen,
+            members=members,
+            seed=seed,
+            steps=steps,
             qdm=fitted if fitted is not None else False,
-            **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+            progress=False,
+            **kwargs,
         )
-        chosen = resolve_scale("auto", model, transformed)
-    config = dict(
-        model=model.name,
-        sha256=model.sha256,
-        method=method,
-        scale=str(chosen),
-        members=members,
-        seed=seed,
-        steps=steps,
-        qdm_hist=str(qdm_hist),
-        block=block,
-    )
-    fingerprint = _fingerprint(da, **config)
-    result = downscale(
-        da,
-        model=model,
-        method=method,
-        scale=chosen,
-        members=members,
-        seed=seed,
-        steps=steps,
-        qdm=fitted if fitted is not None else False,
-        progress=False,
-        **kwargs,
-    )
     result.attrs["history"] = result.attrs.get("history", "").split("\n")[-1]
     if out.suffix == ".nc":
         if out.exists() and not resume:
@@ -248,14 +296,19 @@ def _write_zarr(
                 "--resume only continues "
                 "the same job. Remove the store or choose another --out."
             )
-        done = set(attrs.get(PROGRESS_ATTR, []))
+        recorded = attrs.get(PROGRESS_ATTR)
+        done = {int(i) for i in recorded} if isinstance(recorded, list) else set()
     else:
         tmp = out.with_name(out.name + ".part")
         if tmp.exists():
             shutil.rmtree(tmp)
         ds.attrs[JOB_ATTR] = fingerprint
         ds.attrs[PROGRESS_ATTR] = []
-        ds.to_zarr(tmp, compute=False, mode="w")
+        ds.attrs[COMPLETE_ATTR] = False
+        ds.attrs[STATUS_ATTR] = _status(0, len(starts))
+        with warnings.catch_warnings():  # zarr v3 warns that consolidated metadata is not in its spec
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(tmp, compute=False, mode="w")
         os.replace(tmp, out)
     todo = [i for i, _ in enumerate(starts) if i not in done]
     client = _client(scheduler)
@@ -282,12 +335,39 @@ def _write_zarr(
                     piece.attrs = {}
                     piece.to_zarr(out, region=region, mode="r+")
                     done.add(i)
-                    group.attrs[PROGRESS_ATTR] = sorted(done)
+                    status: dict[str, Any] = {
+                        PROGRESS_ATTR: sorted(done),
+                        STATUS_ATTR: _status(len(done), len(starts)),
+                    }
+                    if len(done) == len(starts):
+                        status[COMPLETE_ATTR] = True
+                    _update_attrs(group, out, status)
                     bar.update(1)
     finally:
         if client is not None:
             client.close()
+    if not todo:  # resumed a finished job: make sure it says so
+        _update_attrs(group, out, {COMPLETE_ATTR: True, STATUS_ATTR: _status(len(starts), len(starts))})
     return out
+
+
+def _update_attrs(group: Any, out: Path, attrs: dict[str, Any]) -> None:
+    """Set store attributes and refresh the consolidated metadata that xr.open_zarr reads."""
+    import zarr
+
+    group.attrs.update(attrs)
+    with warnings.catch_warnings():  # zarr v3 warns that consolidated metadata is not in its spec
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(out))
+
+
+def _status(done: int, total: int) -> str:
+    if done == total:
+        return "complete"
+    return (
+        f"INCOMPLETE: {done} of {total} blocks written; run the same 'xdownscale downscale' command with "
+        "--resume to finish"
+    )
 
 
 def parse_period(text: str | None) -> slice | None:
