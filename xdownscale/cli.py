@@ -13,6 +13,9 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -330,17 +333,77 @@ def downscale(
     quiet: bool,
     **options: Any,
 ) -> None:
-    """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model."""
+    """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model.
+
+    The input is read with each field in one chunk and --block time steps per chunk (no need to chunk
+    it yourself). At the end the model, the scale that was used (the one 'auto' picked) and the bias
+    correction are printed once. A .zarr store is marked complete only after its last block; a killed
+    job is finished by the same command with --resume.
+    """
     from .batch import downscale_to_store, open_input, parse_period
 
-    try:
-        da = open_input(inputs, variable, chunks=block)
-        path = downscale_to_store(
-            da, out, model=model, qdm_hist=parse_period(qdm_hist), block=block, progress=not quiet, **options
-        )
-    except XDownscaleError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(f"Downscaled '{variable}' written to {path}")
+    with _notes() as notes:
+        try:
+            da = open_input(inputs, variable, chunks=block)
+            path = downscale_to_store(
+                da,
+                out,
+                model=model,
+                qdm_hist=parse_period(qdm_hist),
+                block=block,
+                progress=not quiet,
+                **options,
+            )
+        except XDownscaleError as err:
+            raise click.ClickException(str(err)) from err
+    click.echo(_job_summary(path, variable, qdm_hist))
+    for note in notes:
+        click.echo(f"note     {note}")
+
+
+@contextlib.contextmanager
+def _notes() -> Iterator[list[str]]:
+    """Collect the library's own warnings (XDownscaleWarning) as notes to print once after the run, each
+    message once; other warnings pass through unchanged."""
+    from .errors import XDownscaleWarning
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", XDownscaleWarning)
+        try:
+            yield notes
+        finally:
+            for w in caught:
+                if not issubclass(w.category, XDownscaleWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in notes:
+                    notes.append(str(w.message))
+
+
+def _job_summary(path: Any, variable: str, qdm_hist: str | None) -> str:
+    """Model, resolved scale, QDM and output of a finished job, read back from the output's attributes."""
+    import xarray as xr
+
+    ds = xr.open_zarr(path) if str(path).endswith(".zarr") else xr.open_dataset(path)
+    with ds:
+        attrs = dict(ds[variable].attrs) if variable in ds else {}
+        done = ds.attrs.get("xdownscale_status", "complete")
+    model = attrs.get("downscale_model", "?")
+    version = attrs.get("downscale_model_version", "?")
+    sha = str(attrs.get("downscale_model_sha256", ""))[:12]
+    qdm = (
+        f"fitted on {qdm_hist} of the input against the model's training quantiles"
+        if qdm_hist
+        else "off (pass --qdm-hist START/END to bias-correct)"
+    )
+    return "\n".join(
+        [
+            f"model    {model} v{version} (sha256 {sha}...)",
+            f"scale    {attrs.get('downscale_scale', '?')}",
+            f"QDM      {qdm}",
+            f"written  '{variable}' to {path} ({done})",
+        ]
+    )
 
 
 @main.command()
@@ -356,20 +419,32 @@ def downscale(
 @click.option(
     "--out",
     "-o",
-    default="xdownscale-demo",
+    default="xdownscale-demo/",
     show_default=True,
-    help="Output prefix: writes PREFIX.nc and PREFIX.png.",
+    help="An existing directory (or a path ending in /, created): writes xdownscale-demo.nc and "
+    "xdownscale-demo.png inside it. Anything else is a prefix: writes OUT.nc and OUT.png.",
 )
 @click.option("--members", default=4, show_default=True, type=click.IntRange(min=2))
-@click.option("--days", default=8, show_default=True, type=click.IntRange(min=1), help="Fields to downscale.")
+@click.option(
+    "--days",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Number of days to downscale, from the start of the input.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--scale", default="auto", show_default=True, help="'auto', '150 km', or a wavenumber.")
+@click.option(
+    "--scale",
+    default="auto",
+    show_default=True,
+    help="'auto', '150 km', or a wavenumber. On the shipped sample 'auto' is the sample's own resolution.",
+)
 def demo(input_path: str | None, variable: str | None, model: str | None, **options: Any) -> None:
     """Downscale a coarse sample into an ensemble; write a netCDF and a PNG and print a summary."""
     from .demo import DEFAULT_MODEL, run_demo
 
     try:
-        result = run_demo(input_path, variable, model=model or DEFAULT_MODEL, **options)
+        result = run_demo(input_path, variable, model=model or DEFAULT_MODEL, log=click.echo, **options)
     except XDownscaleError as err:
         raise click.ClickException(str(err)) from err
     click.echo(result.summary)
