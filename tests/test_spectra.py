@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import dask
 import dask.array as dsa
 import numpy as np
 import pytest
+import scipy.ndimage
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xdownscale import api
 from xdownscale.core import spectra as core
-from xdownscale.errors import GridMismatchError, InputError, PerformanceWarning
-from xdownscale.xr.spectra import Scale, lowpass, psd, select_scale, upscale
+from xdownscale.errors import GridMismatchError, InputError, PerformanceWarning, XDownscaleWarning
+from xdownscale.xr.spectra import Scale, lowpass, masked_estimator, psd, select_scale, upscale
 
 LAT_ATTRS = {"standard_name": "latitude", "units": "degrees_north"}
 LON_ATTRS = {"standard_name": "longitude", "units": "degrees_east"}
@@ -111,25 +114,6 @@ def test_psd_is_batched_over_leading_dims():
     np.testing.assert_allclose(p[1, 2], core.radial_psd(x[1, 2])[1])
 
 
-def test_masked_field_gives_finite_spectrum_close_to_unmasked_at_large_scales():
-    shape = (64, 64)
-    fields = power_law_fields(40, shape, lambda k: 1e-3 * k**-2.5, seed=4)
-    yy, xx = np.mgrid[0:64, 0:64]
-    land = (xx - 6) ** 2 / 34**2 + (yy - 30) ** 2 / 26**2 < 1  # a blob, ~42% of the cells
-    assert 0.35 < land.mean() < 0.45
-    masked = np.where(land, np.nan, fields)
-    k, full = core.radial_psd(fields)
-    _, part = core.radial_psd(masked)
-    assert np.isfinite(part).all()
-    ratio = part.mean(0) / full.mean(0)
-    large = k <= 0.1
-    np.testing.assert_allclose(ratio[large], 1.0, atol=0.3)
-    # white noise on the valid cells keeps its level everywhere
-    noise = np.where(land, np.nan, np.random.default_rng(5).normal(0, 2.0, (200, *shape)))
-    _, pn = core.radial_psd(noise)
-    assert pn.mean() == pytest.approx(4.0 / 4096, rel=0.03)
-
-
 def test_all_nan_field_gives_nan_not_an_error():
     x = np.full((2, 8, 8), np.nan)
     x[1] = np.random.default_rng(0).normal(size=(8, 8))
@@ -170,6 +154,205 @@ def test_psd_is_lazy_and_warns_when_fields_are_split():
     with pytest.warns(PerformanceWarning, match="rechunking to one chunk"):
         split = psd(da.chunk({"time": 3, "lat": 8}))
     xr.testing.assert_allclose(split.compute(), psd(da))
+
+
+# ---------------------------------------------------------------------------------------------- masked PSD
+def coastline_mask(ny: int = 41, nx: int = 61) -> np.ndarray:
+    """True on "land": a peninsula with a wavy coast, like Iberia on the E-OBS grid (41 x 61 cells),
+    with the strip of another coast in the north-east and in the south (~58% land)."""
+    y = np.arange(ny)[:, None] + 0.5
+    x = np.arange(nx)[None, :] + 0.5
+    west = 5 + 2.0 * np.sin(2 * np.pi * y / 17)
+    east = 38 + 10 * (y - 6) / 30 + 2.5 * np.sin(2 * np.pi * y / 11)
+    peninsula = (x > west) & (x < east) & (y > 6 + 1.5 * np.sin(2 * np.pi * x / 23)) & (y < 36)
+    north_east = (x > 44) & (y > 33 + 2 * np.sin(2 * np.pi * x / 13))
+    south = (y < 4 + 1.5 * np.cos(2 * np.pi * x / 19)) & (x > 14)
+    return peninsula | north_east | south
+
+
+def cropped_power_law(n: int, shape: tuple[int, int], beta: float, seed: int) -> tuple[np.ndarray, float]:
+    """Non-periodic fields with PSD ``c k^-beta``: a corner of periodic fields on a 4x larger grid.
+
+    Returns the fields and ``c`` in the normalisation of radial_psd on ``shape``.
+    """
+    h, w = shape
+    big = power_law_fields(n, (4 * h, 4 * w), lambda k: k**-beta, seed)
+    return big[:, :h, :w], 16.0
+
+
+def bilinear_upsample(coarse: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear interpolation of (B, h, w) cell means onto a grid ``factor`` times finer."""
+    h, w = coarse.shape[-2:]
+    yc = (np.arange(h * factor) + 0.5) / factor - 0.5
+    xc = (np.arange(w * factor) + 0.5) / factor - 0.5
+    yy, xx = np.meshgrid(yc, xc, indexing="ij")
+    return np.stack([scipy.ndimage.map_coordinates(c, [yy, xx], order=1, mode="nearest") for c in coarse])
+
+
+def small_scale_ratio(k: np.ndarray, p_smooth: np.ndarray, p_rough: np.ndarray, k_min: float) -> float:
+    small = k > k_min
+    return float(np.nansum(p_smooth.mean(0)[small]) / np.nansum(p_rough.mean(0)[small]))
+
+
+def test_valid_windows_tile_the_land_with_the_largest_rectangles():
+    land = coastline_mask()
+    windows = core.valid_windows(land)
+    assert windows[0] == (7, 7, 29, 29)
+    used = np.zeros_like(land, dtype=int)
+    for top, left, height, width in windows:
+        assert min(height, width) >= core.MIN_WINDOW
+        assert land[top : top + height, left : left + width].all()
+        used[top : top + height, left : left + width] += 1
+    assert used.max() == 1  # no overlap
+    areas = [h * w for _, _, h, w in windows]
+    assert areas == sorted(areas, reverse=True)
+    assert core.valid_windows(np.ones((5, 7), dtype=bool), 2) == [(0, 0, 5, 7)]
+    assert core.valid_windows(np.zeros((5, 7), dtype=bool), 2) == []
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 4))
+def test_largest_window_is_the_largest_valid_rectangle(seed, m):
+    valid = np.random.default_rng(seed).random((9, 11)) < 0.8
+    best = 0
+    for top in range(9):
+        for left in range(11):
+            for bottom in range(top + m, 10):
+                for right in range(left + m, 12):
+                    if valid[top:bottom, left:right].all():
+                        best = max(best, (bottom - top) * (right - left))
+    windows = core.valid_windows(valid, m)
+    assert (windows[0][2] * windows[0][3] if windows else 0) == best
+
+
+def test_masked_white_noise_is_flat_at_the_full_grid_level_and_maps_back_to_its_sigma():
+    s, land = 1.3, coastline_mask()
+    h, w = land.shape
+    noise = np.where(land, np.random.default_rng(5).normal(4.0, s, (150, h, w)), np.nan)
+    _, p = core.radial_psd(noise)
+    mean = p.mean(0)
+    resolved = np.isfinite(mean)
+    assert not resolved[0] and resolved[1:].all()  # 41 cells > the largest window (29 cells)
+    level = s**2 / (h * w)  # the full grid's cells, sea included
+    np.testing.assert_allclose(mean[resolved], level, rtol=0.1)
+    assert mean[resolved].mean() == pytest.approx(level, rel=0.03)
+    da = on_grid(noise)
+    spectrum = psd(da)
+    assert spectrum.attrs["n_cells"] == h * w and spectrum.attrs["masked"] == "windows"
+    for k0 in (0.1, 0.25, 0.45):
+        assert Scale.from_wavenumber(k0, psd=spectrum).sigma == pytest.approx(s, rel=0.06)
+
+
+@pytest.mark.parametrize("beta", [2.0, 3.0, 4.0])
+def test_masked_estimator_recovers_a_power_law_where_filling_does_not(beta):
+    land = coastline_mask()
+    fields, c = cropped_power_law(60, land.shape, beta, seed=int(beta))
+    masked = np.where(land, fields, np.nan)
+    k, new = core.radial_psd(masked)
+    _, old = core.radial_psd(masked, masked="fill")
+    truth = c * k**-beta
+    ratio = new.mean(0) / truth
+    resolved = np.flatnonzero(np.isfinite(ratio))
+    assert 0.6 < ratio[resolved[0]] < 1.6
+    np.testing.assert_allclose(ratio[resolved[1:]], 1.0, rtol=0.25)
+    small = k > 4 / 29  # below a quarter of the largest window's side
+    np.testing.assert_allclose(ratio[small], 1.0, rtol=0.2)
+    if beta >= 3:  # the land-sea edges of the filled field add power at small scales
+        assert (old.mean(0)[small] / truth[small]).min() > 2
+
+
+def test_bilinear_field_shows_its_lack_of_small_scales_on_a_masked_grid():
+    land = coastline_mask()
+    h, w = land.shape
+    rough, _ = cropped_power_law(60, (44, 64), 3.0, seed=2)
+    smooth = bilinear_upsample(core.block_mean(rough, 4), 4)[:, :h, :w]  # 4x from 11 x 16 cells
+    rough = rough[:, :h, :w]
+    k, p_rough = core.radial_psd(np.where(land, rough, np.nan))
+    _, p_smooth = core.radial_psd(np.where(land, smooth, np.nan))
+    assert small_scale_ratio(k, p_smooth, p_rough, 0.25) < 0.05
+    # the mean-filled estimator sees the coast instead: it is what the test guards against
+    _, f_rough = core.radial_psd(np.where(land, rough, np.nan), masked="fill")
+    _, f_smooth = core.radial_psd(np.where(land, smooth, np.nan), masked="fill")
+    assert small_scale_ratio(k, f_smooth, f_rough, 0.25) > 0.3
+    # on the complete grid (the reference) the smooth field lacks the small scales too
+    _, full_rough = core.radial_psd(rough, window="hann")
+    _, full_smooth = core.radial_psd(smooth, window="hann")
+    assert small_scale_ratio(k, full_smooth, full_rough, 0.25) < 0.05
+
+
+def periodogram_by_hand(x: np.ndarray) -> np.ndarray:
+    """Mean of |FFT2(x - mean)|^2 / (H W)^2 over the annuli, written out with the full FFT."""
+    h, w = x.shape[-2:]
+    n = min(h, w)
+    p2 = np.abs(np.fft.fft2(x - x.mean(axis=(-2, -1), keepdims=True))) ** 2 / (h * w) ** 2
+    ring = np.rint(np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2) * n)
+    return np.stack([p2[..., ring == i].mean(axis=-1) for i in range(1, n // 2 + 1)], axis=-1)
+
+
+def test_complete_fields_keep_the_plain_periodogram():
+    x = np.random.default_rng(12).normal(size=(4, 24, 30)).cumsum(axis=-1)
+    _, p = core.radial_psd(x)
+    np.testing.assert_allclose(p, periodogram_by_hand(x), rtol=1e-10)
+    np.testing.assert_array_equal(core.radial_psd(x, masked="fill")[1], p)
+    np.testing.assert_array_equal(core.radial_psd(x, masked="windows", min_window=30)[1], p)
+
+
+def test_fill_keeps_the_former_masked_estimator():
+    x = np.random.default_rng(13).normal(size=(3, 24, 30))
+    x[:, :, :8] = np.nan
+    _, p = core.radial_psd(x, masked="fill")
+    filled = np.where(np.isfinite(x), x - np.nanmean(x, axis=(-2, -1), keepdims=True), 0.0)
+    np.testing.assert_allclose(p, periodogram_by_hand(filled) / (22 / 30), rtol=1e-10)
+
+
+def test_each_mask_of_a_batch_gets_its_own_windows():
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(5, 24, 32))
+    x[0, :, :10] = np.nan
+    x[1, :6, :] = np.nan
+    x[2] = np.nan
+    x[4, :, :10] = np.nan
+    _, batch = core.radial_psd(x)
+    for i in (0, 1, 3, 4):
+        np.testing.assert_allclose(batch[i], core.radial_psd(x[i])[1], rtol=1e-12)
+    assert np.isnan(batch[2]).all()
+    np.testing.assert_allclose(batch[3], periodogram_by_hand(x[3]), rtol=1e-10)
+    # a 24 x 22 window resolves wavelengths up to 22 cells: the 24-cell bin is NaN, the next is not
+    assert np.isnan(batch[0, 0]) and np.isfinite(batch[0, 1:]).all()
+
+
+def test_masked_psd_is_lazy_and_records_its_estimator():
+    land = coastline_mask(24, 32)
+    x = np.where(land, np.random.default_rng(15).normal(size=(4, 24, 32)), np.nan)
+    da = on_grid(x)
+    with dask.config.set(scheduler=no_compute):
+        lazy = psd(da.chunk({"time": 2}))
+    assert lazy.attrs["masked"] == "windows"
+    xr.testing.assert_allclose(lazy.compute(), psd(da))
+    assert psd(da, masked="fill").attrs["masked"] == "fill"
+    assert psd(on_grid(np.nan_to_num(x))).attrs["masked"] == "none"
+    np.testing.assert_allclose(psd(da, masked="fill").values, core.radial_psd(x, masked="fill")[1])
+
+
+def test_masked_psd_errors():
+    x = np.random.default_rng(16).normal(size=(12, 12))
+    x[::3, ::3] = np.nan  # holes everywhere: no 8 x 8 window
+    with pytest.raises(InputError, match=r"has 128 valid cells but no all-valid rectangle of at least 8 x 8"):
+        core.radial_psd(x)
+    with pytest.raises(InputError, match=r"masked='nope' is not an estimator.*'windows'.*'fill'"):
+        core.radial_psd(x, masked="nope")
+    with pytest.raises(InputError, match=r"masked='nope' is not an estimator"):
+        psd(on_grid(x), masked="nope")
+    with pytest.raises(InputError, match=r"min_window must be >= 2 cells.*got 1"):
+        core.radial_psd(x, min_window=1)
+    with pytest.raises(InputError, match=r"min_window must be an integer number of cells.*got 2\.5"):
+        core.valid_windows(np.ones((4, 4), dtype=bool), 2.5)
+    with pytest.raises(InputError, match=r"valid_windows needs a 2-D mask.*got shape \(2, 4, 4\)"):
+        core.valid_windows(np.ones((2, 4, 4), dtype=bool))
+    with pytest.raises(InputError, match="Unknown window 'nope'"):
+        psd(on_grid(x), window="nope")
+    tiny = core.radial_psd(x, min_window=2)[1]  # 2 x 2 windows resolve the 2-cell wavelength only
+    assert np.isnan(tiny[:-1]).all() and np.isfinite(tiny[-1])
 
 
 # ---------------------------------------------------------------------------------------------- Scale
@@ -289,30 +472,106 @@ def test_scale_dict_round_trip_and_with_psd(red_psd):
 
 
 # ---------------------------------------------------------------------------------------------- select_scale
-def test_select_scale_recovers_a_planted_crossing():
+def spectrum_da(values: np.ndarray, k: np.ndarray, masked: str = "windows") -> xr.DataArray:
+    return xr.DataArray(
+        values,
+        dims="wavenumber",
+        coords={"wavenumber": k},
+        attrs={"n_cells": 4096, "spacing_km": 25.0, "masked": masked},
+    )
+
+
+K64 = np.arange(1, 33) / 64
+
+
+def test_drop_wavenumber_finds_the_half_power_point():
+    fine = 1e-4 * K64**-2.0
+    k0 = 0.1
+    coarse = fine * np.exp(-((K64 / k0) ** 4))  # half power at k0 * ln(2)^(1/4) = 0.0912
+    found = core.drop_wavenumber(K64, fine, coarse)
+    assert found == pytest.approx(k0 * math.log(2) ** 0.25, abs=0.5 / 64)
+    assert core.drop_wavenumber(K64, fine, coarse, threshold=0.1) > found
+    assert core.drop_wavenumber(K64, fine, coarse, k_min=0.2) == 0.2  # below already at k_min
+    assert core.drop_wavenumber(K64, fine, coarse, k_max=0.05) is None
+    assert core.drop_wavenumber(K64, fine, fine) is None
+    with pytest.raises(InputError, match=r"threshold must be > 0 \(0\.5 is the half-power point\); got 0"):
+        core.drop_wavenumber(K64, fine, coarse, threshold=0)
+    with pytest.raises(InputError, match=r"threshold must be a number > 0; got 'x'"):
+        core.drop_wavenumber(K64, fine, coarse, threshold="x")
+    with pytest.raises(InputError, match=r"0 < k_min <= k_max; got k_min=0\.3, k_max=0\.2"):
+        core.drop_wavenumber(K64, fine, coarse, k_min=0.3, k_max=0.2)
+    with pytest.raises(InputError, match="no bin where both are finite and positive"):
+        core.drop_wavenumber(K64, fine, np.zeros_like(fine))
+
+
+def test_select_scale_stays_between_two_and_four_input_cells():
+    fine = spectrum_da(1e-4 * K64**-2.0, K64)
+    drop = spectrum_da(fine.values * np.exp(-((K64 / 0.1) ** 4)), K64)
+    # the input's grid is 4x coarser: Nyquist k_in = 0.125 (2 input cells), k_lo = 0.0625 (4 cells)
+    scale = select_scale(fine, drop, input_wavenumber=0.125)
+    assert scale.wavenumber == pytest.approx(0.1 * math.log(2) ** 0.25, abs=0.5 / 64)
+    expected = math.sqrt(4096 * core.interp_loglog(scale.wavenumber, K64, fine.values))
+    assert scale.sigma == pytest.approx(expected)
+    assert scale.wavelength_km == pytest.approx(25.0 / scale.wavenumber)
+    # as much power as the target down to the input's Nyquist scale: keep everything it resolves
+    assert select_scale(fine, fine * 0.9, input_wavenumber=0.125).wavenumber == pytest.approx(0.125)
+    # less than half the power already at 4 input cells: no larger scale than that
+    assert select_scale(fine, fine * 0.3, input_wavenumber=0.125).wavenumber == pytest.approx(0.0625)
+    # a drop at large scales (k = 0.02) is the input's overall variance, not missing detail
+    early = spectrum_da(fine.values * np.where(K64 < 0.04, 1.0, 0.4), K64)
+    assert select_scale(fine, early, input_wavenumber=0.125).wavenumber == pytest.approx(0.0625)
+    assert select_scale(fine, early, input_wavenumber=0.125, max_input_cells=8).wavenumber < 3 / 64
+    assert select_scale(fine, drop, input_wavenumber=0.125, threshold=0.9).wavenumber < scale.wavenumber
+
+
+def test_select_scale_without_the_input_resolution_recovers_a_planted_drop():
     shape, k0 = (64, 64), 0.1
     fine = power_law_fields(60, shape, lambda k: 1e-3 * (k / k0) ** -2.0, seed=10)
-    coarse = power_law_fields(60, shape, lambda k: 1e-3 * (k / k0) ** -4.0, seed=11)
+    coarse = power_law_fields(
+        60, shape, lambda k: 1e-3 * (k / k0) ** -2.0 * np.exp(-((k / k0) ** 4)), seed=11
+    )
     p_fine, p_coarse = psd(on_grid(fine)), psd(on_grid(coarse))
     scale = select_scale(p_fine, p_coarse)
-    assert abs(scale.wavenumber - k0) <= 1 / 64
-    expected = math.sqrt(
-        4096 * core.interp_loglog(scale.wavenumber, p_fine.wavenumber.values, p_fine.mean("time").values)
-    )
-    assert scale.sigma == pytest.approx(expected)
+    assert abs(scale.wavenumber - k0 * math.log(2) ** 0.25) <= 1 / 64
     assert scale.sigma == pytest.approx(math.sqrt(4096 * 1e-3), rel=0.2)
-    assert scale.wavelength_km == pytest.approx(p_fine.attrs["spacing_km"] / scale.wavenumber)
+
+
+def test_select_scale_compares_like_with_like(red_psd):
+    legacy = red_psd.copy()
+    del legacy.attrs["masked"]
+    windows = red_psd.copy()
+    windows.attrs["masked"] = "windows"
+    with pytest.raises(
+        InputError, match=r"psd_fine was computed with masked='fill' and psd_coarse with masked='windows'"
+    ):
+        select_scale(legacy, windows * 0.5, input_wavenumber=0.1)
+    assert red_psd.attrs["masked"] == "none"  # no NaN: compares with either
+    select_scale(red_psd, windows * 0.5, input_wavenumber=0.1)
+    assert masked_estimator(legacy) == "fill" and masked_estimator(red_psd) == "windows"
 
 
 def test_select_scale_errors(red_psd):
     with pytest.raises(
-        InputError, match=r"never falls below the fine one.*ratio 2 at the largest.*pass scale="
+        InputError,
+        match=r"never falls below 0\.5 times the fine one.*ratio 2 at the largest.*input_wavenumber=",
     ):
         select_scale(red_psd, red_psd * 2)
-    with pytest.raises(InputError, match=r"lies below the fine one at every scale .*qdm=True.*pass scale="):
-        select_scale(red_psd, red_psd / 2)
+    with pytest.raises(
+        InputError, match=r"lies below 0\.5 times the fine one from the largest scale on .*qdm=True.*scale="
+    ):
+        select_scale(red_psd, red_psd / 4)
     with pytest.raises(InputError, match=r"no bin where both are finite"):
         select_scale(red_psd, red_psd * 0)
+    with pytest.raises(InputError, match=r"input_wavenumber must be the input grid's Nyquist.*got 0\.7"):
+        select_scale(red_psd, red_psd, input_wavenumber=0.7)
+    with pytest.raises(InputError, match=r"input_wavenumber must be a number; got 'x'"):
+        select_scale(red_psd, red_psd, input_wavenumber="x")
+    with pytest.raises(InputError, match=r"threshold must be a power ratio > 0.*got -1"):
+        select_scale(red_psd, red_psd, threshold=-1)
+    with pytest.raises(InputError, match=r"threshold and max_input_cells must be numbers"):
+        select_scale(red_psd, red_psd, threshold="x")
+    with pytest.raises(InputError, match=r"max_input_cells must be >= 2 .*got 1"):
+        select_scale(red_psd, red_psd, max_input_cells=1)
     other = psd(on_grid(np.random.default_rng(0).normal(size=(2, 32, 48))))
     with pytest.raises(
         GridMismatchError, match=r"psd_fine \(32 wavenumber bins, 4096 cells\) and psd_coarse \(16"
@@ -320,6 +579,42 @@ def test_select_scale_errors(red_psd):
         select_scale(red_psd, other)
     with pytest.raises(InputError, match="psd_coarse must be a power spectrum"):
         select_scale(red_psd, red_psd.values)
+
+
+def fake_model(target: xr.DataArray) -> SimpleNamespace:
+    return SimpleNamespace(name="test-model", target_psd=target)
+
+
+def test_auto_scale_compares_the_input_with_the_target_estimator_and_warns_at_the_bound():
+    land = coastline_mask(32, 48)
+    rng = np.random.default_rng(17)
+    target = psd(on_grid(np.where(land, rng.normal(size=(20, 32, 48)), np.nan))).mean("time", keep_attrs=True)
+    smooth = bilinear_upsample(rng.normal(size=(20, 8, 12)), 4)
+    transformed = on_grid(np.where(land, smooth, np.nan))
+    transformed["time"] = np.datetime64("2000-01-01") + np.arange(20) * np.timedelta64(1, "D")
+    transformed.attrs[api.INPUT_WAVENUMBER_ATTR] = 0.125
+    model = fake_model(target)
+    picked = api.resolve_scale("auto", model, transformed)
+    spectrum = psd(transformed, masked="windows").mean("time", keep_attrs=True)
+    assert picked == select_scale(target, spectrum, input_wavenumber=0.125)
+    assert 0.0625 <= picked.wavenumber <= 0.125
+    # an older card (no 'masked' attribute): the input is estimated the old way too
+    legacy = target.copy()
+    del legacy.attrs["masked"]
+    old_way = psd(transformed, masked="fill").mean("time", keep_attrs=True)
+    assert api.resolve_scale("auto", fake_model(legacy), transformed) == select_scale(
+        legacy, old_way, input_wavenumber=0.125
+    )
+    # the lazy path gives the same sigma
+    lazy = api._lazy_sigma(transformed.chunk({"time": 5}), model, 365)
+    assert float(lazy.compute()) == pytest.approx(picked.sigma)
+    weak = transformed * 0.1
+    weak.attrs = transformed.attrs
+    with pytest.warns(
+        XDownscaleWarning, match=r"less than 0\.5 times the power of model 'test-model'.*4 input grid cells"
+    ):
+        bound = api.resolve_scale("auto", model, weak)
+    assert bound.wavenumber == pytest.approx(0.0625)
 
 
 # ---------------------------------------------------------------------------------------------- lowpass
@@ -428,13 +723,38 @@ def test_upscale_errors():
 
 
 # ---------------------------------------------------------------------------------------------- real data
-@pytest.mark.data
-@pytest.mark.skipif(
+needs_eobs = pytest.mark.skipif(
     not (DATA / "eobs_0.25deg_tp_djf1991-2000.nc").exists(), reason="../shared/data is absent"
 )
+
+
+@pytest.mark.data
+@needs_eobs
 def test_eobs_spectrum_with_its_sea_mask_is_finite():
     da = xr.open_dataset(DATA / "eobs_0.25deg_tp_djf1991-2000.nc")["tp"].isel(time=slice(0, 60)).load()
     p = psd(da)
-    assert np.isfinite(p.values).all() and (p.values >= 0).all()  # all-dry days have zero power
-    assert (p.mean("time").values > 0).all()
-    assert p.attrs["spacing_km"] == pytest.approx(25, rel=0.15)
+    # the 1000 km bin is longer than the largest all-land window (23 x 31 cells): not measurable
+    assert np.isnan(p.values[:, 0]).all()
+    assert np.isfinite(p.values[:, 1:]).all() and (p.values[:, 1:] >= 0).all()  # dry days: zero power
+    assert (p.mean("time").values[1:] > 0).all()
+    assert p.attrs["spacing_km"] == pytest.approx(25, rel=0.15) and p.attrs["n_cells"] == 41 * 61
+
+
+@pytest.mark.data
+@needs_eobs
+def test_bilinear_from_one_degree_eobs_lacks_the_small_scales():
+    from xdownscale.xr.regrid import regrid
+
+    tp = xr.open_dataset(DATA / "eobs_0.25deg_tp_djf1991-2000.nc")["tp"].isel(time=slice(0, 300)).load()
+    bilinear = regrid(upscale(tp, 4), tp, method="bilinear")  # 1 deg block means, back to 0.25 deg
+    land = np.isfinite(tp.isel(time=0)) & np.isfinite(bilinear.isel(time=0))
+    below_100km = None
+    ratios = {}
+    for method in ("windows", "fill"):
+        p_eobs = psd(tp.where(land), masked=method).mean("time")
+        p_bilinear = psd(bilinear.where(land), masked=method).mean("time")
+        below_100km = p_eobs["wavelength_km"] < 100
+        ratios[method] = float(p_bilinear.where(below_100km).sum() / p_eobs.where(below_100km).sum())
+    assert below_100km is not None and int(below_100km.sum()) >= 10
+    assert ratios["windows"] < 0.1  # measured: 0.012
+    assert ratios["fill"] > 0.3  # the coast's edges: measured 0.72

@@ -16,10 +16,22 @@ noise level that erases the scales up to wavenumber k is
 
     sigma^2 = N^2 PSD(k),  N^2 = H W = ``psd.attrs["n_cells"]``
 
-(Hess et al. 2024, Eq. 8). Windows are power-compensated; NaN cells (masks) are filled with the
-field mean and compensated by the valid fraction (see :mod:`xdownscale.core.spectra`). Scale
-selection is meant for fields in the model's *transformed* space (after :class:`LogNormalize`),
-where the model's noise level sigma lives.
+(Hess et al. 2024, Eq. 8). Windows are power-compensated.
+
+Masked domains
+--------------
+Fields with NaN cells (sea in station-based products, a model's mask) get, by default
+(``masked="windows"``), a prewhitened, tapered periodogram on the largest all-valid rectangles of
+the grid (see :mod:`xdownscale.core.spectra`): no land-sea edge enters the transform, so the small
+scales are seen as they are. It estimates the PSD the field would have on the complete grid:
+``n_cells`` stays H W, the cells of the whole grid with the masked ones, and white noise of variance
+s^2 on the valid cells still gives ``s^2 / n_cells``, i.e. ``sigma^2 = n_cells PSD(k)`` is the noise
+level on the model's full grid. Wavelengths longer than every window are NaN. ``masked="fill"``
+gives the former estimator (mean-filled NaN, hard edges). The attribute ``masked`` records the
+choice; spectra compared with each other (scale selection) must share it.
+
+Scale selection is meant for fields in the model's *transformed* space (after
+:class:`LogNormalize`), where the model's noise level sigma lives; see :func:`select_scale`.
 """
 
 from __future__ import annotations
@@ -38,13 +50,17 @@ from ..core import spectra as _core
 from ..errors import GridMismatchError, InputError, PerformanceWarning
 from .cf import Grid, find_grid, grid_spacing_km
 
-__all__ = ["Scale", "lowpass", "psd", "select_scale", "upscale"]
+__all__ = ["Scale", "lowpass", "masked_estimator", "psd", "select_scale", "upscale"]
 
 NORMALISATION = (
     "PSD(k) is the mean over the annulus around k of |FFT2(x - mean(x))|^2 / (H*W)^2 with k = "
     "sqrt(kx^2 + ky^2) in cycles per grid cell; white noise of variance s^2 gives s^2 / (H*W) = "
-    "s^2 / n_cells, so sigma^2 = n_cells * PSD(k) (Hess et al. 2024, Eq. 8)."
+    "s^2 / n_cells, so sigma^2 = n_cells * PSD(k) (Hess et al. 2024, Eq. 8). Fields with NaN cells: "
+    "the estimate of that PSD on the complete grid (n_cells = H*W includes the masked cells), see "
+    "the attribute 'masked'."
 )
+#: Value of the ``masked`` attribute assumed for spectra that lack it (made before it existed).
+LEGACY_MASKED = "fill"
 
 
 def _label(da: xr.DataArray) -> str:
@@ -75,7 +91,13 @@ def _squared_units(units: Any) -> str:
     return f"({str(units).strip()})**2"
 
 
-def psd(da: xr.DataArray, *, window: Any = None) -> xr.DataArray:
+def psd(
+    da: xr.DataArray,
+    *,
+    window: Any = None,
+    masked: str = "windows",
+    min_window: int = _core.MIN_WINDOW,
+) -> xr.DataArray:
     """Radially averaged power spectral density of each 2-D field of ``da``.
 
     Parameters
@@ -85,15 +107,33 @@ def psd(da: xr.DataArray, *, window: Any = None) -> xr.DataArray:
         dimensions (time, member, ...) are kept. NaN cells are allowed (land or sea masks).
     window
         None, or a window name for :func:`scipy.signal.get_window` such as ``"hann"`` (useful on
-        regional, non-periodic grids); its power loss is compensated.
+        regional, non-periodic grids); its power loss is compensated. On fields with NaN cells and
+        ``masked="windows"`` it is the taper of each all-valid window (None: Hann).
+    masked
+        Estimator for fields with NaN cells: ``"windows"`` (default; prewhitened, tapered
+        periodogram on the largest all-valid rectangles, right at small scales) or ``"fill"`` (the
+        mean-filled periodogram, whose land-sea edges overstate the small scales). Fields without
+        NaN get the plain periodogram either way.
+    min_window
+        Smallest side, in cells, of an all-valid window (``masked="windows"``).
 
     Returns
     -------
     DataArray
         Dims ``(..., "wavenumber")``; coords ``wavenumber`` (cycles per grid cell) and
-        ``wavelength_km`` (``spacing_km / wavenumber``); attrs ``n_cells`` (H*W), ``spacing_km``
-        (``sqrt(dy_km * dx_km)``, x spacing scaled by cos(latitude)), ``normalisation`` and
-        ``units`` (the squared data units, or "1"). Lazy when ``da`` is.
+        ``wavelength_km`` (``spacing_km / wavenumber``); attrs ``n_cells`` (H*W, masked cells
+        included), ``spacing_km`` (``sqrt(dy_km * dx_km)``, x spacing scaled by cos(latitude)),
+        ``normalisation``, ``window``, ``masked`` (the estimator for fields with NaN cells, or
+        ``"none"`` when ``da`` is in memory without NaN) and ``units`` (the squared data units, or "1").
+        With ``masked="windows"``, bins of wavelengths longer than every all-valid window are NaN.
+        Lazy when ``da`` is.
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 x 2 cells, an unknown ``window`` or ``masked``, or a field with NaN cells that
+        has no all-valid window of ``min_window`` x ``min_window`` cells (raised on compute for
+        lazy input).
 
     Examples
     --------
@@ -111,11 +151,18 @@ def psd(da: xr.DataArray, *, window: Any = None) -> xr.DataArray:
         raise InputError(f"The power spectrum of {_label(da)} needs at least 2 x 2 cells; got {h} x {w}.")
     dy, dx = grid_spacing_km(da, grid)
     spacing = float(math.sqrt(dy * dx)) if np.isfinite(dy * dx) and dy * dx > 0 else float("nan")
+    if masked not in _core.MASKED_METHODS:
+        raise InputError(
+            f"masked={masked!r} is not an estimator for masked fields; use 'windows' (tapered windows "
+            "on the all-valid cells) or 'fill' (NaN filled with the mean)."
+        )
     k = _core.radial_wavenumbers((h, w))
+    if window is not None:
+        _core.radial_psd(np.zeros((2, 2)), window=window)  # unknown windows fail now, not on compute
     da = _one_field_per_chunk(da, grid, "The power spectrum")
 
     def _func(x: np.ndarray) -> np.ndarray:
-        return _core.radial_psd(x, window=window)[1]
+        return _core.radial_psd(x, window=window, masked=masked, min_window=min_window)[1]
 
     out = xr.apply_ufunc(
         _func,
@@ -139,8 +186,18 @@ def psd(da: xr.DataArray, *, window: Any = None) -> xr.DataArray:
         "spacing_km": spacing,
         "normalisation": NORMALISATION,
         "window": "none" if window is None else str(window),
+        "masked": masked if _may_have_nan(da) else "none",
     }
     return out
+
+
+def _may_have_nan(da: xr.DataArray) -> bool:
+    """False only for in-memory data known to have no NaN (lazy data is not computed to find out)."""
+    if da.chunks is not None:
+        return True
+    if not np.issubdtype(da.dtype, np.floating):
+        return False
+    return bool(np.isnan(da.values).any())
 
 
 def _reference(psd: Any, what: str = "psd") -> tuple[np.ndarray, np.ndarray, int, float | None]:
@@ -441,19 +498,72 @@ class Scale:
         return "Scale(" + ", ".join(parts) + ")"
 
 
-def select_scale(psd_fine: xr.DataArray, psd_coarse: xr.DataArray) -> Scale:
-    """The scale where the coarse (ESM) spectrum drops below the fine (target) one.
+def _masked_method(psd: xr.DataArray) -> str:
+    """How a spectrum treated masked fields: its ``masked`` attribute, ``"fill"`` for older spectra."""
+    return str(psd.attrs.get("masked", LEGACY_MASKED))
 
-    Each spectrum is averaged over its non-wavenumber dims; scanning from large scales (small k)
-    to small scales, k* is the first downward crossing of the coarse spectrum through the fine
-    one, interpolated log-log between bins (Hess et al. 2024, section 4.5). The noise level is
-    ``sigma = sqrt(n_cells * PSD_fine(k*))`` (Eq. 8).
+
+def masked_estimator(psd: xr.DataArray) -> str:
+    """The ``masked=`` argument of :func:`psd` that gives spectra comparable with ``psd``.
+
+    Its ``masked`` attribute; ``"fill"`` for spectra made before the attribute existed (e.g. the
+    target spectrum of an older model card); ``"windows"`` where ``psd`` came from fields without NaN
+    (``"none"``), for which both estimators coincide.
+
+    Examples
+    --------
+    >>> masked_estimator(xr.DataArray([1.0], dims="wavenumber", attrs={"masked": "windows"}))
+    'windows'
+    >>> masked_estimator(xr.DataArray([1.0], dims="wavenumber"))
+    'fill'
+    """
+    method = _masked_method(psd)
+    return "windows" if method == "none" else method
+
+
+def select_scale(
+    psd_fine: xr.DataArray,
+    psd_coarse: xr.DataArray,
+    *,
+    input_wavenumber: float | None = None,
+    threshold: float = _core.POWER_RATIO,
+    max_input_cells: float = _core.MAX_INPUT_CELLS,
+) -> Scale:
+    """The scale below which the coarse (input) field lacks the fine (target) field's power.
+
+    Rule (the robust form of Hess et al. 2024, section 4.5). Each spectrum is averaged over its
+    non-wavenumber dims, and the power ratio ``r(k) = PSD_coarse(k) / PSD_fine(k)`` is interpolated
+    log-log between bins.
+
+    * With ``input_wavenumber`` ``k_in`` (the Nyquist wavenumber of the input's own grid, in cycles
+      per fine grid cell, i.e. a wavelength of two input cells), k* is sought between
+      ``k_lo = 2 k_in / max_input_cells`` (a wavelength of ``max_input_cells`` input cells, 4 by
+      default) and ``k_in``: scanning from ``k_lo`` towards small scales, k* is the first
+      wavenumber where ``r`` falls below ``threshold`` (0.5, the half-power point). If ``r`` is below
+      it already at ``k_lo``, k* = ``k_lo``; if it never falls below it, k* = ``k_in``. A scale
+      therefore never lies below two input cells, where the input holds no information, nor above
+      ``max_input_cells`` input cells, where an input's spectrum differs from the target's through
+      its overall variance (an ESM's, even after quantile mapping) rather than through missing
+      detail; the pick cannot swing to the size of the domain.
+    * Without it, k* is the first wavenumber, from the largest scale on, where ``r`` falls below
+      ``threshold``; there must be one (see Raises).
+
+    The noise level is ``sigma = sqrt(n_cells * PSD_fine(k*))`` (Eq. 8), which erases the input's
+    scales below k* (where its power is below ``threshold`` times the target's, hence below
+    sigma^2 / n_cells) and keeps the larger ones.
 
     Parameters
     ----------
     psd_fine, psd_coarse
-        Spectra from :func:`psd` of the target data and of the ESM field brought to the same
-        (fine) grid, both in the model's transformed space.
+        Spectra from :func:`psd` of the target data and of the input brought to the same (fine)
+        grid, both in the model's transformed space and both with the same ``masked`` estimator.
+    input_wavenumber
+        Nyquist wavenumber of the input's grid on the fine grid, in (0, 0.5]:
+        ``0.5 * fine_spacing / input_spacing``.
+    threshold
+        Power ratio that marks the scale, > 0.
+    max_input_cells
+        Largest scale, as a wavelength in input grid cells, >= 2.
 
     Returns
     -------
@@ -464,7 +574,23 @@ def select_scale(psd_fine: xr.DataArray, psd_coarse: xr.DataArray) -> Scale:
     GridMismatchError
         The two spectra are not on the same grid (different wavenumber bins or number of cells).
     InputError
-        No crossing: the coarse spectrum never falls below the fine one.
+        The spectra come from different estimators for masked fields; ``input_wavenumber``,
+        ``threshold`` or ``max_input_cells`` is out of range; no bin where both spectra are usable;
+        without ``input_wavenumber``: the ratio is below ``threshold`` from the largest scale on or
+        never falls below it.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> k = np.arange(1, 33) / 64
+    >>> def spectrum(values):
+    ...     return xr.DataArray(values, dims="wavenumber", coords={"wavenumber": k},
+    ...                         attrs={"n_cells": 4096, "spacing_km": 25.0, "masked": "windows"})
+    >>> fine = spectrum(1e-4 * k**-2.0)
+    >>> coarse = spectrum(1e-4 * k**-2.0 * np.exp(-((k / 0.1) ** 4)))
+    >>> scale = select_scale(fine, coarse, input_wavenumber=0.125)
+    >>> round(scale.wavenumber, 2), round(scale.wavelength_km)  # half power at k = 0.091
+    (0.09, 276)
     """
     kf, fine, n_fine, spacing = _reference(psd_fine, "psd_fine")
     kc, coarse, n_coarse, _ = _reference(psd_coarse, "psd_coarse")
@@ -474,37 +600,75 @@ def select_scale(psd_fine: xr.DataArray, psd_coarse: xr.DataArray) -> Scale:
             f"{n_coarse} cells) are not on the same grid. Bring the coarse field to the fine grid first "
             "(regrid it), then compute both spectra with xdownscale.xr.spectra.psd."
         )
-    k_star = _core.crossing_wavenumber(kf, fine, coarse)
-    if k_star is None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = coarse / fine
-        ok = np.isfinite(ratio) & (coarse > 0) & (fine > 0)
-        if not ok.any():
-            raise InputError(
-                "The spectra have no bin where both are finite and positive (constant or all-NaN fields?), "
-                "so there is no crossing to find. Pass scale= explicitly, e.g. scale='500 km'."
-            )
-        span = (
-            f"(coarse/fine power ratio {ratio[ok][0]:.3g} at the largest scale, between "
-            f"{ratio[ok].min():.3g} and {ratio[ok].max():.3g} over k = {kf[0]:.4g} .. {kf[-1]:.4g} cycles "
-            "per cell)"
+    m_fine, m_coarse = _masked_method(psd_fine), _masked_method(psd_coarse)
+    if "none" not in (m_fine, m_coarse) and m_fine != m_coarse:
+        raise InputError(
+            f"psd_fine was computed with masked={m_fine!r} and psd_coarse with masked={m_coarse!r}; "
+            "spectra of masked fields compare only when made the same way. Compute psd_coarse with "
+            f"psd(da, masked={m_fine!r})."
         )
-        if (ratio[ok] < 1).all():
-            problem = (
-                f"The coarse spectrum lies below the fine one at every scale {span}: the fields differ "
-                "in overall variance, not only in small-scale detail. Bias-correct the coarse field first "
-                "(quantile delta mapping, qdm=True), check that both are in the same transformed space "
-                "and units,"
+    try:
+        level = float(threshold)
+        cells = float(max_input_cells)
+    except (TypeError, ValueError) as err:
+        raise InputError(
+            f"threshold and max_input_cells must be numbers; got {threshold!r} and {max_input_cells!r}."
+        ) from err
+    if not (np.isfinite(level) and level > 0):
+        raise InputError(
+            f"threshold must be a power ratio > 0 (0.5 is the half-power point); got {threshold!r}."
+        )
+    if not (np.isfinite(cells) and cells >= 2):
+        raise InputError(
+            f"max_input_cells must be >= 2 (a wavelength in input grid cells; 2 is the input's Nyquist "
+            f"scale); got {max_input_cells!r}."
+        )
+    usable = np.isfinite(fine) & np.isfinite(coarse) & (fine > 0) & (coarse > 0)
+    if not usable.any():
+        raise InputError(
+            "The spectra have no bin where both are finite and positive (constant or all-NaN fields?), "
+            "so there is no scale to find. Pass scale= explicitly, e.g. scale='500 km'."
+        )
+    if input_wavenumber is not None:
+        try:
+            k_in = float(input_wavenumber)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"input_wavenumber must be a number; got {input_wavenumber!r}.") from err
+        if not (np.isfinite(k_in) and 0 < k_in <= 0.5):
+            raise InputError(
+                "input_wavenumber must be the input grid's Nyquist wavenumber on the fine grid, in "
+                "(0, 0.5] cycles per fine cell (0.5 * fine spacing / input spacing); got "
+                f"{input_wavenumber!r}."
             )
-        else:
-            problem = (
-                f"The coarse spectrum never falls below the fine one from large to small scales {span}, "
-                "so there is no natural scale to keep. Check that both fields are in the same "
-                "(transformed) space and units,"
+        k_lo = 2.0 * k_in / cells
+        found = _core.drop_wavenumber(kf, fine, coarse, threshold=level, k_min=k_lo, k_max=k_in)
+        k_star = k_in if found is None else found
+    else:
+        found = _core.drop_wavenumber(kf, fine, coarse, threshold=level)
+        ratio = coarse[usable] / fine[usable]
+        span = (
+            f"(coarse/fine power ratio {ratio[0]:.3g} at the largest scale, between {ratio.min():.3g} "
+            f"and {ratio.max():.3g} over k = {kf[usable][0]:.4g} .. {kf[usable][-1]:.4g} cycles per cell)"
+        )
+        if found is None:
+            raise InputError(
+                f"The coarse spectrum never falls below {level:g} times the fine one {span}, so the input "
+                "lacks no scale. Check that both fields are in the same (transformed) space and units, "
+                "pass input_wavenumber= (the input grid's Nyquist wavenumber) to fall back on the input's "
+                "resolution, or pass scale= explicitly, e.g. scale='500 km' or scale='sigma=0.5'."
             )
-        raise InputError(f"{problem} or pass scale= explicitly, e.g. scale='500 km' or scale='sigma=0.5'.")
+        if ratio[0] < level:
+            raise InputError(
+                f"The coarse spectrum lies below {level:g} times the fine one from the largest scale on "
+                f"{span}: the fields differ in overall variance, not only in small-scale detail. "
+                "Bias-correct the coarse field first (quantile delta mapping, qdm=True), check that both "
+                "are in the same transformed space and units, pass input_wavenumber= to bound the scale "
+                "by the input's resolution, or pass scale= explicitly, e.g. scale='500 km'."
+            )
+        k_star = found
     sigma = _core.sigma_at_wavenumber(k_star, kf, fine, n_fine)
-    return Scale(min(k_star, 0.5), None if spacing is None else spacing / k_star, sigma)
+    k_star = min(k_star, 0.5)
+    return Scale(k_star, None if spacing is None else spacing / k_star, sigma)
 
 
 def lowpass(da: xr.DataArray, wavenumber: float | Scale | str) -> xr.DataArray:
