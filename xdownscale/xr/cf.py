@@ -283,17 +283,17 @@ def grid_spacing_km(obj: xr.DataArray | xr.Dataset, grid: Grid | None = None) ->
     if grid.curvilinear:
         la = np.deg2rad(np.asarray(lat.transpose(grid.ydim, grid.xdim).values, dtype=float))
         lo = np.deg2rad(np.asarray(lon.transpose(grid.ydim, grid.xdim).values, dtype=float))
-        dy = (
+        steps_y = (
             _haversine(la[1:, :], lo[1:, :], la[:-1, :], lo[:-1, :])
             if la.shape[0] > 1
             else np.array([np.nan])
         )
-        dx = (
+        steps_x = (
             _haversine(la[:, 1:], lo[:, 1:], la[:, :-1], lo[:, :-1])
             if la.shape[1] > 1
             else np.array([np.nan])
         )
-        return float(np.nanmean(dy)), float(np.nanmean(dx))
+        return float(np.nanmean(steps_y)), float(np.nanmean(steps_x))
     la = np.asarray(lat.values, dtype=float)
     lo = np.asarray(lon.values, dtype=float)
     dy = float(np.mean(np.abs(np.diff(la)))) * KM_PER_DEGREE if la.size > 1 else float("nan")
