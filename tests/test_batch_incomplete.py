@@ -102,3 +102,13 @@ def test_open_input_chunks_fields_whole_and_time_by_block(coarse_file):
     da = open_input([coarse_file], "pr", chunks=5)
     assert da.chunks is not None
     assert da.chunks[0] == (5, 5, 2) and len(da.chunks[1]) == 1 and len(da.chunks[2]) == 1
+
+
+def test_partial_coverage_is_an_error_unless_allowed(cm_model, coarse_file, tmp_path):
+    part = tmp_path / "part.nc"
+    xr.open_dataset(coarse_file).isel(lon=slice(0, 3)).to_netcdf(part)
+    refused = CliRunner().invoke(main, _args(part, cm_model.path, tmp_path / "a.nc"))
+    assert refused.exit_code != 0 and "On the command line: --allow-partial" in refused.output
+    allowed = CliRunner().invoke(main, [*_args(part, cm_model.path, tmp_path / "b.nc"), "--allow-partial"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "note" in allowed.output and "of the model's cells lie outside the input" in allowed.output

@@ -322,6 +322,12 @@ def train_sda(**options: Any) -> None:
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Fields per network call.")
 @click.option("--resume", is_flag=True, help="Continue a job whose output exists, skipping finished blocks.")
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Accept an input that covers the model's domain only partly (a note gives the uncovered "
+    "fraction; those cells are NaN).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def downscale(
     inputs: tuple[str, ...],
@@ -331,6 +337,7 @@ def downscale(
     qdm_hist: str | None,
     block: int,
     quiet: bool,
+    allow_partial: bool,
     **options: Any,
 ) -> None:
     """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model.
@@ -341,8 +348,9 @@ def downscale(
     job is finished by the same command with --resume.
     """
     from .batch import downscale_to_store, open_input, parse_period
+    from .xr.domain import allow_partial_coverage
 
-    with _notes() as notes:
+    with _notes() as notes, allow_partial_coverage(allow_partial):
         try:
             da = open_input(inputs, variable, chunks=block)
             path = downscale_to_store(
@@ -355,7 +363,10 @@ def downscale(
                 **options,
             )
         except XDownscaleError as err:
-            raise click.ClickException(str(err)) from err
+            message = str(err)
+            if "allow_partial_coverage" in message:
+                message += " On the command line: --allow-partial."
+            raise click.ClickException(message) from err
     click.echo(_job_summary(path, variable, qdm_hist))
     for note in notes:
         click.echo(f"note     {note}")
