@@ -174,5 +174,8 @@ def test_squeeze_extra_dims_rules():
     assert out.dims == ("time", "lat", "lon") and float(out["height"]) == 2.0
     out = squeeze_extra_dims(da.expand_dims(member=["r1"]), grid, "time")
     assert "member" not in out.coords and str(out["realization"].values) == "r1"
-    with pytest.raises(InputError, match=r"'pr' has the extra dimension\(s\) 'realization' \(length 2\)"):
+    with pytest.raises(
+        InputError,
+        match=r"'pr' has the extra dimension\(s\) 'realization' \(length 2\) \(the input's 'member'",
+    ):
         squeeze_extra_dims(da.expand_dims(member=["r1", "r2"]), grid, "time")

@@ -227,12 +227,17 @@ def squeeze_extra_dims(da: xr.DataArray, grid: Grid, time: str) -> xr.DataArray:
                 f"e.g. da.rename({{'{MEMBER_DIM}': 'esm_member'}})."
             )
         da = da.rename({MEMBER_DIM: ENSEMBLE_DIM})
+        renamed = f" (the input's '{MEMBER_DIM}', renamed: '{MEMBER_DIM}' is the generated ensemble)"
+    else:
+        renamed = ""
     keep = {time, *grid.dims}
     extra = [d for d in da.dims if d not in keep]
     long = {str(d): da.sizes[d] for d in extra if da.sizes[d] > 1}
     if long:
         first, size = next(iter(long.items()))
-        listed = ", ".join(f"'{d}' (length {n})" for d, n in long.items())
+        listed = ", ".join(
+            f"'{d}' (length {n}){renamed if d == ENSEMBLE_DIM else ''}" for d, n in long.items()
+        )
         raise InputError(
             f"{_label(da)} has the extra dimension(s) {listed} besides time '{time}' and the grid "
             f"{grid.dims}; a model downscales one field per time step. Select one, e.g. "
