@@ -72,8 +72,8 @@ def gaussian_precip_model() -> tuple[AssimilationModel, torch.Tensor, torch.Tens
     yy, xx = np.meshgrid(np.arange(NY), np.arange(NX), indexing="ij")
     pts = np.stack([yy.ravel(), xx.ravel()], 1)
     d2 = ((pts[:, None] - pts[None]) ** 2).sum(-1)
-    cov = torch.as_tensor(0.8 * np.exp(-d2 / (2 * 2.5**2)) + 0.05 * np.eye(NY * NX))
-    mean = torch.full((NY, NX), 0.2, dtype=torch.float64)
+    cov = torch.as_tensor(0.6 * np.exp(-d2 / (2 * 2.5**2)) + 0.03 * np.eye(NY * NX))
+    mean = torch.full((NY, NX), -0.6, dtype=torch.float64)
     transform = LogNormalize(eps=0.1, log=True).fit(np.array([0.0, 400.0]), units="mm d-1")
     coords = _grid_coords()
     grid = xr.Dataset({"mask": (("lat", "lon"), _mask())}, coords=coords, attrs={"periodic": 0})
@@ -278,7 +278,7 @@ def test_implausible_values_are_flagged():
     from xdownscale.assimilate import PhysicalRangeWarning, _check_plausible
 
     model, *_ = gaussian_precip_model()
-    with pytest.warns(PhysicalRangeWarning, match=r"2 values outside the plausible range \[0, 90\] mm d-1"):
+    with pytest.warns(PhysicalRangeWarning, match=r"2 values outside the plausible range \[0, 600\] mm d-1"):
         _check_plausible(np.array([1.0, 700.0, 1754.0, np.nan]), model, "'pr'")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -43,6 +43,9 @@ MIN_STEPS = 32
 #: default predictor steps and members (the best-scoring settings of docs/evaluation-assimilation.md)
 DEFAULT_STEPS = 64
 DEFAULT_MEMBERS = 16
+#: default Langevin corrections per step: the corrector helps SLAMS's latent prior but over-disperses the
+#: pixel-space (SDA) prior of the shipped models (twin sweep in docs/evaluation-assimilation.md)
+DEFAULT_CORRECTIONS = {"slams": 1, "sda": 0}
 #: with ``progress=None`` a progress bar is shown from this many network calls on
 PROGRESS_WORK = 2000
 
@@ -183,7 +186,7 @@ def _assimilate(
     background_std: float | None,
     members: int,
     steps: int,
-    corrections: int,
+    corrections: int | None,
     tau: float,
     gamma: float,
     seed: int,
@@ -203,6 +206,7 @@ def _assimilate(
         raise InputError(f"background must be an xarray.DataArray, got {type(background).__name__}.")
     if int(members) < 1:
         raise InputError(f"members must be >= 1, got {members}.")
+    corrections = DEFAULT_CORRECTIONS[kind] if corrections is None else int(corrections)
     if steps < MIN_STEPS:
         warnings.warn(
             f"steps={steps} is a coarse discretisation of the reverse SDE (below {MIN_STEPS}); the analysis "
@@ -724,9 +728,9 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
     members
         Ensemble size (default {members}).
     steps, corrections, tau, gamma
-        Predictor steps (default {steps}, the best-scoring setting on real data; the paper uses 512),
-        Langevin corrections per step (1), Langevin amplitude (0.5) and likelihood stability weight
-        (1e-2).
+        Predictor steps (default {steps}: the best-scoring setting of the twin sweep in
+        ``docs/evaluation-assimilation.md``; the paper uses 512), Langevin corrections per step (default
+        {corrections}; the paper uses 1), Langevin amplitude (0.5) and likelihood stability weight (1e-2).
     seed
         Same seed, same ensemble (member ``m`` never depends on the batch).
     device
@@ -777,7 +781,7 @@ def slams(
     background_std: float | None = None,
     members: int = DEFAULT_MEMBERS,
     steps: int = DEFAULT_STEPS,
-    corrections: int = 1,
+    corrections: int | None = None,
     tau: float = 0.5,
     gamma: float = 1e-2,
     seed: int = 0,
@@ -801,7 +805,7 @@ def sda(
     background_std: float | None = None,
     members: int = DEFAULT_MEMBERS,
     steps: int = DEFAULT_STEPS,
-    corrections: int = 1,
+    corrections: int | None = None,
     tau: float = 0.5,
     gamma: float = 1e-2,
     seed: int = 0,
@@ -815,8 +819,14 @@ def sda(
 
 _FMT = {"members": DEFAULT_MEMBERS, "steps": DEFAULT_STEPS, "work": PROGRESS_WORK, "min_steps": MIN_STEPS}
 slams.__doc__ = _DOC.format(
-    what="latent score-based data assimilation (SLAMS, Qu et al. 2024)", kind="slams", **_FMT
+    what="latent score-based data assimilation (SLAMS, Qu et al. 2024)",
+    kind="slams",
+    corrections=DEFAULT_CORRECTIONS["slams"],
+    **_FMT,
 )
 sda.__doc__ = _DOC.format(
-    what="pixel-space score-based data assimilation (SDA, Rozet & Louppe 2023)", kind="sda", **_FMT
+    what="pixel-space score-based data assimilation (SDA, Rozet & Louppe 2023)",
+    kind="sda",
+    corrections=DEFAULT_CORRECTIONS["sda"],
+    **_FMT,
 )
