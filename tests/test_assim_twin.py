@@ -290,3 +290,24 @@ def test_progress_defaults_to_on_for_long_work():
 
     assert _auto_progress(None, PROGRESS_WORK) and not _auto_progress(None, PROGRESS_WORK - 1)
     assert not _auto_progress(False, 10**9) and _auto_progress(True, 1)
+
+
+def test_gridded_data_over_masked_cells_only_is_a_clear_error():
+    from xdownscale.assimilate import sda
+
+    model, truth, *_ = _twin()
+    sea = truth.isel(lat=slice(0, 2), lon=slice(0, 2))  # 2 x 2 pixels on the masked corner
+    sea = sea.fillna(1.0).assign_attrs(units="mm d-1")
+    with pytest.raises(
+        GridMismatchError, match="No pixel of satellite overlaps a valid cell of model 'gaussian-twin'"
+    ):
+        sda(
+            truth,
+            model=model,
+            satellite=sea,
+            satellite_std=0.5,
+            background_std=1.0,
+            members=1,
+            steps=32,
+            progress=False,
+        )
