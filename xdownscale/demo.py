@@ -155,8 +155,10 @@ def run_demo(
     coarse = source.isel({time_dim: slice(0, days)}).load()
     used = coarse.sizes[time_dim]
     what = "the shipped sample" if input is None else str(input)
-    more = "" if used == total else f" (--days {total} for all)"
-    days_line = f"the first {used} of {total} days of {what}{more}"
+    if used == total:
+        days_line = f"all {total} days of {what}"
+    else:
+        days_line = f"the first {used} of {total} days of {what} (--days {total} for all)"
     if log is not None:
         log(f"Downscaling {days_line} into {members} members with {loaded.name} ...")
 
