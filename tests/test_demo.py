@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import xarray as xr
 from click.testing import CliRunner
 
 from xdownscale.cli import main
@@ -98,3 +99,18 @@ def test_demo_on_the_shipped_sample_warns_nothing(tmp_path, monkeypatch):
         result = run_demo(members=2, days=2)
     assert result.png == Path("xdownscale-demo") / "xdownscale-demo.png" and result.png.exists()
     assert "note" not in result.summary and "the sample's own resolution" in result.summary
+
+
+def test_demo_variable_errors_name_the_variables(cm_model, fine_data, tmp_path):
+    path = _users_file(fine_data, tmp_path)
+    two = tmp_path / "two.nc"
+    ds = xr.open_dataset(path)
+    ds.assign(other=ds["precip"]).to_netcdf(two)
+    runner = CliRunner()
+    several = runner.invoke(main, ["demo", "--input", str(two), "--model", str(cm_model.path)])
+    assert (
+        several.exit_code != 0
+        and "holds the variables ['other', 'precip']; pass --variable" in several.output
+    )
+    wrong = runner.invoke(main, ["demo", "--input", str(path), "-v", "pr", "--model", str(cm_model.path)])
+    assert wrong.exit_code != 0 and "--variable 'pr' is not in" in wrong.output

@@ -157,6 +157,8 @@ def test_dataset_accessor_points_to_the_variable(cm_model):
     ):
         ds.downscale.cm(model=cm_model.path)
     assert not hasattr(ds.downscale, "_private")
+    with pytest.raises(InputError, match="this Dataset has no data variables"):
+        xr.Dataset().downscale.sde(model=cm_model.path)
 
 
 # -- 4. NaN over the sea ----------------------------------------------------------------------------
