@@ -193,6 +193,69 @@ def test_threads_and_blocks_do_not_change_the_result(monkeypatch: pytest.MonkeyP
     np.testing.assert_array_equal(core.adjust_quantile_delta(sim, q, q * 1.3, "*", threads=3), one)
 
 
+def _awkward_rows(rng: np.random.Generator, dtype: str, ntime: int) -> np.ndarray:
+    """Rows that exercise every corner of the radix sort: ties, -0.0 next to +0.0, NaN of both signs,
+    infinities, values closer than a 32-bit key can tell apart (float64), an all-NaN row."""
+    x = rng.gamma(0.6, 3.0, (7, ntime)).astype(dtype)
+    x[1] = np.round(x[1], 1)  # many ties
+    x[2, ::3] = -0.0
+    x[2, 1::3] = 0.0
+    x[3, ::5] = np.nan
+    x[3, 1::7] = -np.nan
+    x[4, :3] = (-np.inf, np.inf, -5.0)[:ntime]
+    x[5] = rng.normal(0.0, 1.0, ntime).astype(dtype)
+    x[5, :2] = ((-1e300, 1e300) if dtype == "float64" else (-3e38, 3e38))[:ntime]  # coarse float64 keys
+    x[5, 2:10] = 1.0 + rng.random(x[5, 2:10].size) * 1e-12  # ... that these values share
+    x[6] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("ntime", [1, 2, 97, 5000])
+def test_sort_with_order_is_a_stable_sort(dtype: str, ntime: int) -> None:
+    """The 16-bit radix passes (and, for float64, the repair of values sharing a key) give exactly a
+    stable argsort: values, time order of ties and NaN last."""
+    x = _awkward_rows(np.random.default_rng(ntime), dtype, ntime)
+    s, order, nvalid = core._sort_with_order(x)
+    expected = np.argsort(x, axis=-1, kind="stable")
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(s, np.take_along_axis(x, expected, axis=-1))
+    np.testing.assert_array_equal(nvalid, (~np.isnan(x)).sum(axis=-1))
+
+
+def test_sort_with_order_falls_back_where_the_repair_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 rows whose values share 32-bit keys and stay out of order after the allowed rounds of
+    neighbour swaps are sorted again exactly."""
+    x = _awkward_rows(np.random.default_rng(3), "float64", 3000)
+    x[0, :2] = (1e-300, 1e300)
+    x[0, 2:50] = 1.0 + np.random.default_rng(4).random(48) * 1e-12
+    monkeypatch.setattr(core, "_MAX_REPAIR_ROUNDS", 1)
+    s, order, _ = core._sort_with_order(x)
+    expected = np.argsort(x, axis=-1, kind="stable")
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(s, np.take_along_axis(x, expected, axis=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adjust_equals_brute_force_on_awkward_rows(dtype: str) -> None:
+    x = _awkward_rows(np.random.default_rng(11), dtype, 600)
+    nq = 50
+    hq = np.sort(np.random.default_rng(1).normal(0, 2, (7, 1, nq)), axis=-1).astype(dtype)
+    rq = hq + np.linspace(0.5, 1.5, nq).astype(dtype)
+    got = core.adjust_quantile_delta(x, hq, rq, "+")
+    expected = np.full(x.shape, np.nan, dtype=dtype)
+    for c in range(x.shape[0]):  # brute_qdm's rank and node rules, with these factors
+        valid = ~np.isnan(x[c])
+        if not valid.any():
+            continue
+        p = scipy.stats.rankdata(x[c, valid]) / valid.sum()
+        pmin, pmax = p.min(), p.max()
+        tau = pmax * (p - pmin) / (pmax - pmin) if pmax > pmin else np.full(p.shape, 0.5)
+        node = np.clip(np.ceil(tau * nq) - 1, 0, nq - 1).astype(int)
+        expected[c, valid] = x[c, valid] + (rq - hq)[c, 0, node]
+    np.testing.assert_array_equal(got, expected)
+
+
 # ------------------------------------------------------------------------------------------------ oracle
 
 
