@@ -311,3 +311,22 @@ def test_gridded_data_over_masked_cells_only_is_a_clear_error():
             steps=32,
             progress=False,
         )
+
+
+def test_background_ensemble_member_k_starts_from_member_k_mod_m():
+    """The chain downscale -> assimilate: a background with a ``member`` dimension is a background
+    ensemble; analysis member k follows background member k mod M."""
+    from xdownscale.assimilate import sda
+
+    model, truth, *_ = _twin()
+    dry = truth.fillna(0.0) * 0 + 0.5
+    wet = truth.fillna(0.0) * 0 + 20.0
+    bg = xr.concat([dry, wet], dim="member").transpose("time", "member", "lat", "lon")
+    bg.attrs = {"units": "mm d-1"}
+    an = sda(bg, model=model, background_std=0.3, members=4, steps=32, seed=0, progress=False)
+    means = an.mean(("time", "lat", "lon")).values
+    assert means[0] < 3.0 and means[2] < 3.0 and means[1] > 10.0 and means[3] > 10.0, means
+    with pytest.raises(
+        InputError, match=r"has the dimensions \['level'\] besides time, 'member' and the grid"
+    ):
+        sda(bg.expand_dims(level=[1]), model=model, background_std=0.3, members=1, steps=32, progress=False)

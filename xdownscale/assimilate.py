@@ -219,18 +219,27 @@ def _assimilate(
     label = f"'{background.name}'" if background.name is not None else "the background"
     tname = find_time(background)
     bgrid = find_grid(background)
-    extra = [d for d in background.dims if d not in (tname, bgrid.ydim, bgrid.xdim)]
+    ens_dim = "member" if "member" in background.dims else None
+    extra = [d for d in background.dims if d not in (tname, bgrid.ydim, bgrid.xdim, ens_dim)]
     if extra:
         raise InputError(
-            f"{label} has the dimensions {extra} besides time and the grid; model '{m.name}' assimilates one "
-            f"variable on one level. Select one, e.g. background.isel({extra[0]}=0)."
+            f"{label} has the dimensions {extra} besides time, 'member' and the grid; model '{m.name}' "
+            f"assimilates one variable on one level. Select one, e.g. background.isel({extra[0]}=0)."
         )
     source_units = background.attrs.get("units")
     try:
         bg = convert_units(background, units)
     except UnitError as err:
         raise UnitError(f"{err} Model '{m.name}' works in '{units}' ({m.variable.get('kind')}).") from None
-    bg = standard_layout(bg, bgrid).transpose(tname, bgrid.ydim, bgrid.xdim)
+    bg = standard_layout(bg, bgrid)
+    # a background ensemble (e.g. the members of .downscale): analysis member k starts from background
+    # member k mod M, so the background's spread is carried into the analysis ensemble
+    bg_members = (
+        [bg.isel(member=b).transpose(tname, bgrid.ydim, bgrid.xdim) for b in range(bg.sizes["member"])]
+        if ens_dim
+        else [bg.transpose(tname, bgrid.ydim, bgrid.xdim)]
+    )
+    bg = bg_members[0]
     times = bg[tname]
     n_time = times.size
     template = _template(m, times, bg.attrs["units"])
@@ -270,18 +279,22 @@ def _assimilate(
     bstd = float(background_std if background_std is not None else m.background_std)
     if not np.isfinite(bstd) or bstd <= 0:
         raise InputError(f"background_std must be a positive number (in '{units}'), got {background_std!r}.")
-    if _same_grid(bg, m.grid):
-        vals = np.asarray(bg.values, dtype=np.float64)
-        vals = np.where(mask[None], vals, np.nan)
-        if not np.isfinite(vals).any():
-            raise InputError(
-                f"All values of the background {label} are missing (NaN); nothing to assimilate."
-            )
-        y, s = pad(vals.reshape(n_time, -1), np.full(ny * nx, bstd))
-        mods.append(("background", lambda x: x.flatten(-2), y, s))
-    else:
-        sat = satellite_on_grid(bg, template, std=bstd)
-        area("the background", sat.weights, sat.values, sat.std)
+    on_model_grid = _same_grid(bg, m.grid)
+    for bgb in bg_members:
+        if on_model_grid:
+            vals = np.asarray(bgb.values, dtype=np.float64)
+            vals = np.where(mask[None], vals, np.nan)
+            if not np.isfinite(vals).any():
+                raise InputError(
+                    f"All values of the background {label} are missing (NaN); nothing to assimilate."
+                )
+            y, s = pad(vals.reshape(n_time, -1), np.full(ny * nx, bstd))
+            mods.append(("background", lambda x: x.flatten(-2), y, s))
+        else:
+            sat = satellite_on_grid(bgb, template, std=bstd)
+            area("the background", sat.weights, sat.values, sat.std)
+    n_bg = len(bg_members)
+    bg_mods, mods = mods[:n_bg], mods[n_bg:]
 
     extra_obs: list[tuple[str, xr.DataArray, Any, str]] = []
     if stations is not None:
@@ -338,30 +351,35 @@ def _assimilate(
         sample_shape = (length, 1, ny, nx)
         decoder = None  # type: ignore[assignment]
 
-    modalities = [
-        Modality(
+    def modality(name: str, op: Any, y: np.ndarray, s: np.ndarray) -> Modality:
+        return Modality(
             op,
             torch.as_tensor(y, dtype=torch.float32, device=dev),
             torch.as_tensor(s, dtype=torch.float32, device=dev),
             name,
         )
-        for name, op, y, s in mods
-    ]
-    posterior = PosteriorEps(prior, modalities, sde, gamma=gamma, decoder=decoder, steps=steps)
+
+    shared = [modality(*mod) for mod in mods]
     t0 = np.asarray(times.values[:1]).astype("datetime64[ns]").astype(np.int64)[0] if n_time else 0
     keys = [sample_key("assimilate", kind, int(t0), int(n_time), member) for member in range(members)]
     bsz = int(batch_size or members)
-    outs = []
+    groups = [[k for k in range(members) if k % n_bg == b] for b in range(n_bg)]
+    batches = [(b, g[i : i + bsz]) for b, g in enumerate(groups) for i in range(0, len(g), bsz)]
+    outs: dict[int, np.ndarray] = {}
     bar = None
-    n_batches = -(-members // bsz)
     if _auto_progress(progress, steps * (1 + corrections) * members * max(length - K + 1, 1)):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * n_batches, desc=f"{kind} analysis", leave=False)
-    for i in range(0, members, bsz):
-        noise = KeyedNoise(keys[i : i + bsz], seed=int(seed), shape=sample_shape, device=dev)
+        bar = tqdm(total=steps * len(batches), desc=f"{kind} analysis", leave=False)
+    posteriors: dict[int, PosteriorEps] = {}
+    for b, idx in batches:
+        if b not in posteriors:
+            posteriors[b] = PosteriorEps(
+                prior, [modality(*bg_mods[b]), *shared], sde, gamma=gamma, decoder=decoder, steps=steps
+            )
+        noise = KeyedNoise([keys[k] for k in idx], seed=int(seed), shape=sample_shape, device=dev)
         x = sample_vp(
-            posterior,
+            posteriors[b],
             (len(noise), *sample_shape),
             noise=noise,
             sde=sde,
@@ -372,10 +390,11 @@ def _assimilate(
         )
         with torch.no_grad():
             state = decoder(x) if decoder is not None else x
-        outs.append(state[:, :n_time, 0].cpu().numpy())
+        for member_k, field_k in zip(idx, state[:, :n_time, 0].cpu().numpy(), strict=True):
+            outs[member_k] = field_k
     if bar is not None:
         bar.close()
-    analysis = np.concatenate(outs)  # (member, time, ny, nx) in the model space
+    analysis = np.stack([outs[j] for j in range(members)])  # (member, time, ny, nx) in the model space
     phys = np.asarray(m.from_model_space(analysis), dtype=np.float32)
     phys = np.where(mask[None, None], phys, np.nan).transpose(1, 0, 2, 3)
     _check_plausible(phys, m, label)
@@ -389,7 +408,7 @@ def _assimilate(
             background,
             m,
             kind=kind,
-            names=[n for n, *_ in mods],
+            names=[bg_mods[0][0], *(n for n, *_ in mods)],
             members=members,
             steps=steps,
             corrections=corrections,
@@ -706,9 +725,11 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
     Parameters
     ----------
     background
-        The model state trajectory ``(time, lat, lon)`` with units, on the model grid or on its own
+        The model state trajectory ``(time, [member,] lat, lon)`` with units, on the model grid or on its own
         (e.g. coarser) grid: then its cells enter as area averages of the state, so a coarse reanalysis
-        or model field needs no regridding first.
+        or model field needs no regridding first. With a ``member`` dimension (e.g. the output of
+        ``.downscale`` with ``members=``) it is a background ensemble: analysis member ``k`` uses
+        background member ``k mod M``.
     model
         A ``"{kind}"`` model: name, path, or :class:`~xdownscale.models.assimilation.AssimilationModel`.
     stations
