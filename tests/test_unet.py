@@ -162,3 +162,73 @@ def test_forward_errors() -> None:
         net(torch.zeros(2, 2, 8, 8), torch.zeros(3))
     with pytest.raises(InputError, match=r"input shape \(B, C, H, W\)"):
         forward_gflops(net, (1, 8, 8))
+
+
+def _padded_copy_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 convolution as it was before the wrapped-column form: pad a copy, then convolve (the
+    reference the current forward must agree with to float rounding)."""
+    import torch.nn.functional as F
+
+    from xdownscale.nets import unet
+
+    conv = self.conv  # type: ignore[attr-defined]
+    if self.periodic:  # type: ignore[attr-defined]
+        x = unet._circular_x(x, 1, 1)
+        if self.padding == "reflect":  # type: ignore[attr-defined]
+            x = unet._pad_dim(x, 1, 1, -2, "reflect")
+            return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0)
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, (1, 0))
+    if self.padding == "reflect":  # type: ignore[attr-defined]
+        x = unet._pad_dim(unet._pad_dim(x, 1, 1, -1, "reflect"), 1, 1, -2, "reflect")
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0)
+    return conv(x)
+
+
+@pytest.mark.parametrize(
+    "periodic,padding", [(True, "zeros"), (True, "reflect"), (False, "zeros"), (False, "reflect")]
+)
+@pytest.mark.parametrize("size", [(12, 24), (9, 13), (1, 1), (16, 2)])
+def test_forward_and_gradients_match_the_padded_copy_reference(
+    periodic: bool, padding: str, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xdownscale.nets import unet
+
+    net = randomise(UNet(**TINY, periodic=periodic, padding=padding), std=0.2)
+    x = torch.randn(3, 1, *size)
+    labels = torch.tensor([0.1, -0.4, 1.3])
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net.zero_grad()
+        y = net(x, labels)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    got, grads = run()
+    monkeypatch.setattr(unet._Conv3x3, "forward", _padded_copy_forward)
+    expected, expected_grads = run()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(expected_grads)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert float((g - e).norm()) <= 1e-4 * float(e.norm()) + 1e-7  # float rounding only
+
+
+def test_wrapped_columns_of_a_strided_convolution() -> None:
+    """Odd and even widths: the stride-2 convolution reads past the right edge only for odd widths."""
+    from xdownscale.nets.unet import _Conv3x3
+
+    conv = randomise(_Conv3x3(2, 3, stride=2, periodic=True, padding="zeros"))
+    for width in (7, 8, 1, 2):
+        x = torch.randn(2, 2, 6, width)
+        padded = torch.cat([x[..., -1:], x, x[..., :1]], dim=-1)
+        expected = torch.nn.functional.conv2d(padded, conv.conv.weight, conv.conv.bias, 2, (1, 0))
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_weights_load_into_the_network_unchanged() -> None:
+    """State-dict keys and shapes are those of the shipped weights (strict load of every shipped model)."""
+    import xdownscale
+
+    for name in ("cm-eobs-iberia-0.25deg-pr", "sde-eobs-iberia-0.25deg-pr"):
+        model = xdownscale.load_model(name)
+        net = UNet(**model.card["architecture"]["config"])
+        net.load_state_dict(model.network.net.state_dict(), strict=True)

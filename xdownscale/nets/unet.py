@@ -16,11 +16,12 @@ Architecture (DDPM/ADM style, Ho et al. 2020; Dhariwal & Nichol 2021):
 Noise-level embedding: Gaussian Fourier features (fixed frequencies ~ N(0, 16^2), a buffer drawn from a
 fixed seed) of ``noise_labels`` (EDM's ``c_noise = ln(sigma)/4``), then a two-layer SiLU MLP to ``emb_dim``.
 
-Boundaries: every 3x3 convolution pads explicitly. In x (width, longitude) the padding is circular when
-``periodic=True``; otherwise, and always in y, it is ``padding`` ("zeros" or "reflect"; zero padding in y is
-left to the convolution's own padding, which is the same thing without a copy). Any H x W works: the input
-is padded to a multiple of ``2**(len(channels) - 1)`` the same way (circular in x when periodic) and the
-output cropped back. With ``periodic=True`` and H, W multiples of that factor, the network commutes with
+Boundaries: in x (width, longitude) the padding is circular when ``periodic=True``; otherwise, and always
+in y, it is ``padding`` ("zeros" or "reflect"). Zero padding is the convolution's own (no copy); circular
+padding in x with zeros in y adds the wrapped-around column to the two boundary columns of the output
+instead of padding a copy of the input (:class:`_Conv3x3`); reflect padding pads a copy. Any H x W works:
+the input is padded to a multiple of ``2**(len(channels) - 1)`` the same way (circular in x when
+periodic) and the output cropped back. With ``periodic=True`` and H, W multiples of that factor, the network commutes with
 rolls in x by multiples of the factor (a strided network cannot commute with other shifts).
 """
 
@@ -92,25 +93,51 @@ def pad_xy(
     return x
 
 
+def _wrap_columns(x: Tensor, weight: Tensor, stride: int, width_out: int) -> tuple[Tensor, Tensor | None]:
+    """What circular padding in x adds to a zero-padded 3x3 convolution (padding 1, ``stride``).
+
+    The first output column reads input column -1 (= W - 1) through the kernel's first column; when
+    ``stride * (width_out - 1) + 1 == W`` the last one reads column W (= 0) through the kernel's last
+    column. Both are 3x1 convolutions of one input column: shapes ``(B, Cout, Ho, 1)`` (the second None
+    when the last output column does not reach past the edge).
+    """
+    width = x.shape[-1]
+    left = F.conv2d(x[..., width - 1 :], weight[..., :1], stride=(stride, 1), padding=(1, 0))
+    right = None
+    if stride * (width_out - 1) + 1 == width:
+        right = F.conv2d(x[..., :1], weight[..., 2:], stride=(stride, 1), padding=(1, 0))
+    return left, right
+
+
 class _Conv3x3(nn.Module):
-    """3x3 convolution with the boundary handling of the UNet (see module docstring)."""
+    """3x3 convolution with the boundary handling of the UNet (see module docstring).
+
+    Circular padding in x with zero padding in y (the global case) never materialises a padded copy of
+    the input: the convolution runs with its own zero padding and the two boundary columns get the
+    contribution of the wrapped-around column added (:func:`_wrap_columns`), a pair of 3x1 convolutions
+    of one column each. That is the same sum as convolving the circularly padded input, up to float
+    rounding, without the full copy that ``F.pad`` makes before every convolution.
+    """
 
     def __init__(self, cin: int, cout: int, *, stride: int = 1, periodic: bool, padding: str) -> None:
         super().__init__()
         self.periodic = periodic
         self.padding = padding
-        builtin_y = 1 if padding == "zeros" else 0
-        builtin_x = 1 if (padding == "zeros" and not periodic) else 0
-        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=(builtin_y, builtin_x))
+        self.stride = stride
+        builtin = 1 if padding == "zeros" else 0
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=builtin)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding == "reflect":
+            x = _circular_x(x, 1, 1) if self.periodic else _pad_dim(x, 1, 1, -1, "reflect")
+            return self.conv(_pad_dim(x, 1, 1, -2, "reflect"))
+        out = self.conv(x)
         if self.periodic:
-            x = _circular_x(x, 1, 1)
-            if self.padding == "reflect":
-                x = _pad_dim(x, 1, 1, -2, "reflect")
-        elif self.padding == "reflect":
-            x = _pad_dim(_pad_dim(x, 1, 1, -1, "reflect"), 1, 1, -2, "reflect")
-        return self.conv(x)
+            left, right = _wrap_columns(x, self.conv.weight, self.stride, out.shape[-1])
+            out[..., :1] += left.to(out.dtype)
+            if right is not None:
+                out[..., -1:] += right.to(out.dtype)
+        return out
 
 
 class _ResBlock(nn.Module):
