@@ -21,8 +21,9 @@ in y, it is ``padding`` ("zeros" or "reflect"). Zero padding is the convolution'
 padding in x with zeros in y adds the wrapped-around column to the two boundary columns of the output
 instead of padding a copy of the input (:class:`_Conv3x3`); reflect padding pads a copy. Any H x W works:
 the input is padded to a multiple of ``2**(len(channels) - 1)`` the same way (circular in x when
-periodic) and the output cropped back. With ``periodic=True`` and H, W multiples of that factor, the network commutes with
-rolls in x by multiples of the factor (a strided network cannot commute with other shifts).
+periodic) and the output cropped back. With ``periodic=True`` and H, W multiples of that factor, the
+network commutes with rolls in x by multiples of the factor (a strided network cannot commute with other
+shifts).
 """
 
 from __future__ import annotations
