@@ -8,10 +8,12 @@ and the peak memory of each.
 Every measurement runs in its own subprocess (the data are generated there from the same seed), so the two
 libraries cannot share caches, memory or imported state:
 
-* time: wall clock (and CPU time) of fit + adjust, best of ``--repeat`` runs (xsdba: best of 2 when one
-  run takes less than two minutes, else 1), after a warm-up on a few cells (that warm-up
-  keeps numba's one-off JIT compilation out of xsdba's time); the peak resident memory of that process
-  above its level before the first run is reported too ("peak RSS");
+* time: wall clock (and CPU time) of fit + adjust, after a warm-up on a few cells (that warm-up keeps
+  numba's one-off JIT compilation out of xsdba's time). The three cases (xdownscale on all CPUs,
+  xdownscale on one thread, xsdba) run in turn for ``--rounds`` (2) rounds, so that a change of the
+  machine's load hits all of them; each xdownscale run is the best of ``--repeat`` (3) fits, each xsdba
+  run one fit; the best round of each case is kept. The peak resident memory of that process above its
+  level before the first run is reported too ("peak RSS");
 * memory: a separate run under ``tracemalloc`` (peak of the numpy/Python allocations during fit + adjust;
   allocations made inside numba-compiled code are not seen by it).
 
@@ -159,6 +161,11 @@ def measure(which: str, mode: str, args: argparse.Namespace, tmp: Path, cells: i
     return res
 
 
+def _best(old: dict | None, new: dict) -> dict:
+    """The faster of two timing results (``old`` may be None)."""
+    return new if old is None or new["seconds"] < old["seconds"] else old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="quick run on 1000 x 8 x 12")
@@ -168,6 +175,7 @@ def main() -> None:
     p.add_argument("--nquantiles", type=int, default=500)
     p.add_argument("--repeat", type=int, default=3, help="timed runs of xdownscale (the best is kept)")
     p.add_argument("--max-xsdba-seconds", type=float, default=300.0)
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (ours, ours 1 thread, xsdba) in turn")
     # internal: one measurement in a subprocess
     p.add_argument("--worker", choices=["ours", "xsdba"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
@@ -191,9 +199,6 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        ours = measure("ours", "time", args, tmp, ncells)
-        ours1 = measure("ours", "time", args, tmp, ncells, threads=1)
-        ours_mem = measure("ours", "memory", args, tmp, ncells)
         # xsdba: estimate its full-size time on a few latitude rows first
         probe_rows = max(1, args.ny // 16)
         probe = measure(
@@ -204,10 +209,19 @@ def main() -> None:
         if estimate > args.max_xsdba_seconds:
             rows = max(1, int(args.ny * args.max_xsdba_seconds / estimate / 2))
             xs_cells = rows * args.nx
-        xs_args = argparse.Namespace(
-            **{**vars(args), "repeat": 2 if estimate * xs_cells / ncells < 120 else 1}
-        )
-        xs = probe if xs_cells == probe["cells"] else measure("xsdba", "time", xs_args, tmp, xs_cells)
+        xs_args = argparse.Namespace(**{**vars(args), "repeat": 1})
+        # the cases in turn, round after round (ours, ours on 1 thread, xsdba, ours, ...): a change of the
+        # machine's load hits all of them; the best round of each is kept
+        ours = ours1 = xs = None
+        for _ in range(args.rounds):
+            ours = _best(ours, measure("ours", "time", args, tmp, ncells))
+            ours1 = _best(ours1, measure("ours", "time", args, tmp, ncells, threads=1))
+            if xs_cells == probe["cells"] and xs is None:
+                xs = probe
+            else:
+                xs = _best(xs, measure("xsdba", "time", xs_args, tmp, xs_cells))
+        assert ours is not None and ours1 is not None and xs is not None
+        ours_mem = measure("ours", "memory", args, tmp, ncells)
         xs_mem = measure("xsdba", "memory", args, tmp, xs_cells)
         scale = ncells / xs["cells"]
         xs_seconds = xs["seconds"] * scale
