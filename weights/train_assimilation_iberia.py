@@ -91,6 +91,11 @@ SATELLITE_STANDIN = (
     "products (e.g. IMERG) have other errors (retrieval biases, missed light rain, beam blockage) that "
     "this model has never seen."
 )
+HALF_DEGREE_STANDIN = (
+    "No real satellite field overlaps the Iberia domain in the training data, so the coarse gridded modality "
+    "is a stand-in: E-OBS block-averaged over 2 x 2 cells (about 1 deg). Real products have other errors "
+    "that this model has never seen."
+)
 INTENDED_USE = {
     "slams": (
         "Score-based data assimilation in a learned latent space (SLAMS, Qu et al. 2024) of daily winter "
@@ -227,7 +232,9 @@ def train(args: argparse.Namespace) -> None:
             f"Winter (DJF) {what} only; other seasons and variables are out of distribution.",
             "Small model trained briefly on a CPU (2 shared cores) on 15 winters (about 1350 days): far from "
             "the paper's compute. Read the measured skill before relying on it.",
-            *LIMITATIONS[3:],
+            LIMITATIONS[3],
+            HALF_DEGREE_STANDIN,
+            LIMITATIONS[5],
         ]
     card["training"]["minutes"] = round(minutes, 2)
     card["training"]["hardware"] = args.device or (
