@@ -81,7 +81,7 @@ def parse_model(out: str, _: Path) -> list[Row]:
         ("model --quick", "paper UNet parameters", f"{params.group(1)} M", "~27 M"),
         ("model --quick", "GFLOP per forward at 240x384", gflop.group(1), "~660"),
         ("model --quick", f"CPU fp32 fields/s at {cpu.group(1)}, batch 1", cpu.group(2), "-"),
-        ("model --quick", f"CPU bf16 fields/s at {cpu.group(1)} (emulated bf16)", cpu.group(3), "-"),
+        ("model --quick", f"CPU bf16 fields/s at {cpu.group(1)}", cpu.group(3), "-"),
         ("model --quick", "GPU fields/s at 240x384 bf16", "not measured (no GPU)", ">= 600"),
     ]
 

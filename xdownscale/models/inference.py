@@ -11,9 +11,14 @@ Keeping the device fed (CUDA): the block is staged through two page-locked host 
 (the copy of batch ``k + 1`` to the device and of batch ``k - 1`` back overlap with batch ``k`` on the
 GPU), the keyed noise of the next draw is drawn on the CPU in a background thread while the GPU runs
 (:class:`PrefetchedNoise`), results are copied back with one strided copy per batch, and the network runs
-in NCHW layout (channels-last made GroupNorm copy every activation on the H200). The network can be
-compiled (:func:`compile_policy`): with CUDA graphs on CUDA, with batches padded to a fixed size so that
-one graph serves the whole job; by default only where the job is large enough to pay the compilation.
+in NCHW layout on every device. Measured: on an H200 (bf16, paper UNet at 240 x 384) channels-last ran at
+110 fields/s against 154 for NCHW, because GroupNorm on channels-last tensors copies every activation; on
+a 2-core AVX-512 CPU (fp32, the shipped 41 x 61 UNet) the two were within noise (9.9 vs 10.3 ms per field
+at batch 8), so the CPU keeps the simpler layout too.
+
+The network can be compiled (:func:`compile_policy`): with CUDA graphs on CUDA, with batches padded to a
+fixed size so that one graph serves the whole job; by default only where the job is large enough to pay
+the compilation.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ __all__ = [
     "choose_device",
     "compile_policy",
     "denoise_block",
-    "memory_format",
     "network_runner",
     "set_torch_threads",
     "time_keys",
@@ -111,17 +115,6 @@ def cached_model(path: str, sha256: str, device: str) -> Any:
             _MODELS[key] = model
             _RUN_LOCKS.setdefault(device, threading.Lock())
         return model
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Memory layout of the network's weights and inputs on ``device``: NCHW everywhere.
-
-    Measured: on an H200 (bf16, paper UNet at 240 x 384) channels-last ran at 110 fields/s against 154
-    for NCHW, because GroupNorm on channels-last tensors copies every activation; on a 2-core AVX-512 CPU
-    (fp32, the shipped 41 x 61 UNet) the two layouts were within measurement noise (9.9 vs 10.3 ms per
-    field at batch 8), so the CPU keeps the simpler layout too.
-    """
-    return torch.contiguous_format
 
 
 #: How :func:`network_runner` decides whether to compile: ``"auto"`` (compile on CUDA when a call does
