@@ -232,3 +232,18 @@ def test_shipped_weights_load_into_the_network_unchanged() -> None:
         model = xdownscale.load_model(name)
         net = UNet(**model.card["architecture"]["config"])
         net.load_state_dict(model.network.net.state_dict(), strict=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_periodic_network_on_cuda_in_bf16_agrees_with_the_cpu() -> None:
+    """The wrapped-column convolution on CUDA (NCHW, bf16 autocast) against the fp32 CPU forward."""
+    net = randomise(UNet(**TINY, periodic=True), std=0.05).eval()
+    x = torch.randn(4, 1, 24, 40)
+    labels = torch.tensor([0.2, -0.7, 1.0, 0.0])
+    with torch.no_grad():
+        ref = net(x, labels)
+        gpu = net.to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu(x.to("cuda"), labels.to("cuda")).float().cpu()
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2
