@@ -17,6 +17,7 @@ from xdownscale.core.consistency import (
     ConsistencyModel,
     cm_scalings,
     ct_loss,
+    ect_loss,
     ict_loss,
 )
 from xdownscale.core.losses import l1_distance, l2_distance, pseudo_huber
@@ -25,6 +26,7 @@ from xdownscale.core.samplers import generate_cm, sample_cm, sdedit_cm
 from xdownscale.core.schedules import (
     ct_ema_decay,
     ct_num_scales,
+    ect_gap_ratio,
     ict_index_probs,
     ict_num_scales,
     ict_total_steps_per_stage,
@@ -261,7 +263,10 @@ def test_losses_ignore_masked_cells() -> None:
     def dsm(x: torch.Tensor) -> torch.Tensor:
         return dsm_loss(score, x, generator=torch.Generator().manual_seed(1), mask=mask)
 
-    for loss in (ict, ct, dsm):
+    def ect(x: torch.Tensor) -> torch.Tensor:
+        return ect_loss(cm, x, step=7, total_steps=10, generator=torch.Generator().manual_seed(1), mask=mask)
+
+    for loss in (ict, ct, dsm, ect):
         ref = loss(x0)
         assert torch.isfinite(ref)
         assert torch.equal(loss(x0_bad), ref)
@@ -283,6 +288,50 @@ def test_ict_loss_gradient_and_teacher_stopgrad() -> None:
     a = ict_loss(cm, x0, step=5, total_steps=100, generator=torch.Generator().manual_seed(3))
     b = ict_loss(cm, x0, step=5, total_steps=100, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_ect_gap_curriculum() -> None:
+    """Stage 0 gives a relative gap >= 1 (r clipped to sigma_min: denoising score matching); each of the
+    six stages divides the gap by q = 2; the gap shrinks with t as 1 + 8 sigmoid(-t)."""
+    t = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
+    first = ect_gap_ratio(t, 0, 600)
+    assert torch.all(first >= 1.0) and torch.all(first[:-1] > first[1:])
+    assert torch.allclose(first, 1.0 + 8.0 * torch.sigmoid(-t))
+    for stage in range(6):
+        ratio = ect_gap_ratio(t, stage * 100, 600)
+        assert torch.allclose(ratio, first / 2.0**stage)
+    assert torch.equal(ect_gap_ratio(t, 600, 600), ect_gap_ratio(t, 599, 600))  # last stage holds
+    assert torch.equal(ect_gap_ratio(t, 99, 600), first)
+    with pytest.raises(InputError, match="stages >= 1 and q > 1"):
+        ect_gap_ratio(t, 0, 10, q=1.0)
+
+
+def test_ect_loss_starts_as_denoising_and_has_gradients() -> None:
+    """In stage 0 the teacher is the model at sigma_min, which the boundary condition makes the noisy
+    input itself: the loss is then exactly a weighted pseudo-Huber denoising loss."""
+    cm = ConsistencyModel(randomise(UNet(**TINY)))
+    x0 = torch.randn(4, 1, 8, 8) * 0.5
+    loss = ect_loss(cm, x0, step=0, total_steps=600, generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = [p.grad for p in cm.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+    # the oracle of stage 0, drawn with the same generator sequence
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn((4,), generator=g, dtype=torch.float64)
+    t = torch.exp(-1.1 + 2.0 * u).clamp(cm.sigma_min * 1.5, cm.sigma_max)
+    z = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        student = cm(x0 + t.float()[:, None, None, None] * z, t.float())
+        teacher = x0 + cm.sigma_min * z
+        weight = (1.0 / (t - cm.sigma_min)).float()
+        expected = (weight * pseudo_huber(student, teacher)).mean()
+        got = ect_loss(cm, x0, step=0, total_steps=600, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(got, expected, rtol=1e-5)
+    # a later stage has a smaller gap and a different (consistency) target
+    later = ect_loss(cm, x0, step=599, total_steps=600, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(later) and not torch.allclose(later, got)
 
 
 def test_ct_loss_distances() -> None:

@@ -53,7 +53,7 @@ def _checkpoint(out: Path) -> Path:
     return sorted((out / "checkpoints").glob("step-*"))[-1]
 
 
-@pytest.mark.parametrize(("kind", "loss"), [("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
+@pytest.mark.parametrize(("kind", "loss"), [("cm", "ect"), ("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
 def test_train_writes_a_loadable_model(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
     out = tmp_path / "run"
     path = train(kind, pr, "pr", out, steps=6, loss=loss, checkpoint_every=3, log_every=2, **TINY)
@@ -96,6 +96,19 @@ def test_train_writes_a_loadable_model(tmp_path: Path, pr: xr.DataArray, kind: s
     assert [h["step"] for h in history if "val_loss" in h] == [3, 6]
     assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
     assert card["training"]["final_val_loss"] == history[-1]["val_loss"]
+    # consistency models are also scored as downscalers (perfect model) and the best EMA is shipped
+    validation = card["training"]["validation"]
+    if kind == "cm":
+        scored = [h for h in history if "val_crps" in h]
+        assert [h["step"] for h in scored] == [3, 6]
+        best = min(scored, key=lambda h: h["val_crps"])
+        assert validation["step"] == best["step"] and validation["crps"] == best["val_crps"]
+        assert validation["bilinear_mae"] > 0 and np.isfinite(validation["spread_skill"])
+        assert validation["beats_bilinear"] == (validation["crps"] < validation["bilinear_mae"])
+        assert "4x" in validation["metric"] and (out / "best-ema.safetensors").exists()
+        assert [row[:2] for row in validation["curve"]] == [[h["step"], h["val_crps"]] for h in scored]
+    else:
+        assert validation is None
     ckpt = _checkpoint(out)
     assert ckpt.name == "step-00000006"
     files = {p.name for p in ckpt.iterdir()}
@@ -119,13 +132,13 @@ def test_masked_cells_are_zero_and_excluded(
     from xdownscale.core import consistency
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = consistency.ict_loss
+    real = consistency.ect_loss
 
     def spy(model: Any, x0: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         seen.append((x0.clone(), kwargs["mask"].clone()))
         return real(model, x0, **kwargs)
 
-    monkeypatch.setattr(consistency, "ict_loss", spy)
+    monkeypatch.setattr(consistency, "ect_loss", spy)
     train(
         "cm",
         pr,
@@ -159,7 +172,7 @@ def _stop_at(step: int) -> Any:
     return callback
 
 
-@pytest.mark.parametrize(("kind", "loss"), [("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
+@pytest.mark.parametrize(("kind", "loss"), [("cm", "ect"), ("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
 def test_resume_after_interruption_is_exact(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
     n = 5
     common = dict(steps=2 * n, loss=loss, checkpoint_every=n, log_every=2, seed=7, **TINY)

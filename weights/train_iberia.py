@@ -55,9 +55,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--kind", choices=("cm", "sde"), required=True)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--channels", default="32,64,64")
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--loss", default=None, help="cm: ect (default), ict or ct; sde: dsm")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--res-blocks", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -82,12 +86,15 @@ def main() -> None:
         name=name,
         steps=args.steps,
         batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        ema_decay=args.ema_decay,
         channels=channels,
         net={"num_res_blocks": args.res_blocks},
         seed=args.seed,
         val_time=VALIDATION,
-        checkpoint_every=250,
-        val_every=250,
+        checkpoint_every=args.val_every,
+        val_every=args.val_every,
         resume=args.resume,
         device=args.device,
         licence=LICENCE,

@@ -75,8 +75,8 @@ def _generative_options(func: Any) -> Any:
             click.option(
                 "--loss",
                 default=None,
-                type=click.Choice(["ict", "ct", "dsm"]),
-                help="Loss (default: ict for cm, dsm for sde).",
+                type=click.Choice(["ect", "ict", "ct", "dsm"]),
+                help="Loss (default: ect for cm, dsm for sde).",
             ),
             click.option("--ema-decay", default=0.999, show_default=True, type=float),
             click.option(

@@ -122,6 +122,44 @@ def ct_ema_decay(step: int, total_steps: int, *, s0: int = 2, s1: int = 150, mu0
     return math.exp(s0 * math.log(mu0) / ct_num_scales(step, total_steps, s0, s1))
 
 
+def ect_gap_ratio(
+    sigma: Tensor,
+    step: int,
+    total_steps: int,
+    *,
+    stages: int = 6,
+    q: float = 2.0,
+    k: float = 8.0,
+    b: float = 1.0,
+) -> Tensor:
+    """Relative gap ``(t - r) / t = q^-a n(t)`` of Easy Consistency Tuning (Geng et al. 2024, eq. 9).
+
+    ``n(t) = 1 + k sigmoid(-b t)`` and ``a = floor(stages k / K)`` is the stage of training step ``k`` of
+    ``K``. In stage 0 the ratio is ``n(t) >= 1``: the second noise level ``r = t (1 - ratio)`` is clipped to
+    ``sigma_min`` by the caller and the loss is plain denoising; each later stage divides the gap by ``q``,
+    so training moves from a diffusion denoiser to a consistency model.
+
+    Parameters
+    ----------
+    sigma
+        Noise levels t, any shape.
+    step, total_steps
+        Training step k and total K.
+    stages, q, k, b
+        Number of stages, gap divisor per stage and the shape of ``n(t)`` (ECT: q = 2 .. 4, k = 8, b = 1).
+
+    Returns
+    -------
+    Tensor
+        Same shape and dtype as ``sigma``.
+    """
+    _check_steps(step, total_steps)
+    if stages < 1 or not q > 1:
+        raise InputError(f"ECT needs stages >= 1 and q > 1, got stages={stages}, q={q}.")
+    stage = min(stages - 1, (min(step, total_steps) * stages) // total_steps)
+    return (1.0 + k * torch.sigmoid(-b * sigma)) * float(q) ** (-stage)
+
+
 def ict_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """Lognormal probabilities of the pairs (sigma_i, sigma_{i+1}) of an ascending grid (iCT section 3.5).
 

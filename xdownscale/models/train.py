@@ -11,9 +11,11 @@ The training fields are loaded into memory once, as float32 (fine-grid fields of
 small), and batches are drawn with a seeded :class:`torch.Generator`. No augmentation that would move
 geography (no flips or rotations). Masked cells are 0 in the network input and never enter the loss.
 
-Losses (from :mod:`xdownscale.core`): kind ``"cm"`` trains a consistency model with improved
-consistency training (``loss="ict"``, Song & Dhariwal 2024: no teacher network) or the paper's
-consistency training (``loss="ct"``, Song et al. 2023: an EMA teacher with decay ``ct_ema_decay``);
+Losses (from :mod:`xdownscale.core`): kind ``"cm"`` trains a consistency model with easy consistency
+tuning (``loss="ect"``, the default; Geng et al. 2024: denoising score matching first, then a gap between
+the two noise levels that halves per stage), improved consistency training (``loss="ict"``, Song &
+Dhariwal 2024: no teacher network) or the paper's consistency training (``loss="ct"``, Song et al. 2023:
+an EMA teacher with decay ``ct_ema_decay``);
 kind ``"sde"`` trains a score model of a VE SDE by denoising score matching. Both keep a separate EMA
 of the weights, which is what is shipped. Optimiser: RAdam, gradient clipping, bf16 autocast on CUDA.
 
@@ -50,7 +52,7 @@ from .model import build_network
 __all__ = ["LOSSES", "train"]
 
 #: losses per model kind; the first is the default
-LOSSES = {"cm": ("ict", "ct"), "sde": ("dsm",)}
+LOSSES = {"cm": ("ect", "ict", "ct"), "sde": ("dsm",)}
 CANONICAL_UNITS = {"precipitation": "mm/day", "temperature": "K"}
 STANDARD_NAMES = {"precipitation": "lwe_precipitation_rate", "temperature": "air_temperature"}
 CHECKPOINT_FORMAT = "xdownscale-checkpoint/1"
@@ -434,6 +436,14 @@ class _Trainer:
         self.n_running = int(count)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # ---------------------------------------------------------------------------------------------- train
 def train(
     kind: str = "cm",
@@ -500,7 +510,8 @@ def train(
         Held-out validation period: a time slice (``slice("1996-12", "1997-02")``, a pair or the string
         ``"1996-12/1997-02"``), or else the last ``val_fraction`` of the time steps (0: none).
     loss
-        ``"ict"`` (default for ``cm``) or ``"ct"``; ``"dsm"`` for ``sde``.
+        ``"ect"`` (default for ``cm``: easy consistency tuning, which starts as a denoiser), ``"ict"`` or
+        ``"ct"``; ``"dsm"`` for ``sde``.
     distance
         Distance of the paper's CT loss (``"l2"``, ``"l1"`` or ``"lpips+l1"``).
     ema_decay
@@ -695,9 +706,23 @@ def train(
         val = (val[0][keep], val[1][keep])
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    perfect_model = None
+    if kind == "cm" and val_da is not None and val_phys is not None:
+        from .validation import PerfectModelValidation
+
+        perfect_model = PerfectModelValidation(
+            val_da.copy(data=val_phys),
+            transform,
+            target,
+            mask,
+            seed=sample_key(seed, "perfect-model") % 2**31,
+        )
+    best_path = out / "best-ema.safetensors"
 
     def _loss(model: Any, x0: torch.Tensor, m: torch.Tensor, gen: torch.Generator, step: int) -> torch.Tensor:
         with autocast():
+            if loss == "ect":
+                return consistency.ect_loss(model, x0, step=step, total_steps=steps, generator=gen, mask=m)
             if loss == "ict":
                 return consistency.ict_loss(model, x0, step=step, total_steps=steps, generator=gen, mask=m)
             if loss == "ct":
@@ -728,6 +753,17 @@ def train(
         trainer.model.train()
         return total / count
 
+    def _validate_downscaling(record: dict[str, Any]) -> None:
+        """Perfect-model scores of the EMA weights (the ones shipped); keep the best by CRPS."""
+        if perfect_model is None:
+            return
+        scores = perfect_model.score(trainer.ema)
+        record.update({f"val_{key}": value for key, value in scores.items() if key != "bilinear_mae"})
+        best = min((h["val_crps"] for h in trainer.history if "val_crps" in h), default=float("inf"))
+        if scores["crps"] < best or not best_path.exists():
+            write_safetensors(best_path, trainer.ema.state_dict())
+            record["best"] = True
+
     val_every = val_every or checkpoint_every or max(1, steps // 10)
     from tqdm.auto import tqdm
 
@@ -740,6 +776,7 @@ def train(
         dynamic_ncols=True,
     )
     trainer.model.train()
+    clock = (time.perf_counter(), trainer.step)
     try:
         while trainer.step < steps:
             k = trainer.step
@@ -768,6 +805,18 @@ def train(
                 val_loss = _validate(k)
                 if val_loss is not None:
                     record["val_loss"] = val_loss
+                _validate_downscaling(record)
+            if trainer.step == clock[1] + 20 and trainer.step < steps:
+                per_step = (time.perf_counter() - clock[0]) / 20
+                remaining = (steps - trainer.step) * per_step
+                message = (
+                    f"train {kind}: {per_step:.2f} s per step on {dev}; about {_duration(remaining)} for "
+                    f"the remaining {steps - trainer.step} steps (checkpoints every {checkpoint_every} "
+                    "steps; resume=True continues an interrupted run)."
+                )
+                trainer.history.append({"step": trainer.step, "seconds_per_step": per_step})
+                if progress:
+                    bar.write(message)
             if record:
                 trainer.history.append({"step": trainer.step, **record})
                 bar.set_postfix({key: f"{v:.4g}" for key, v in record.items()})
@@ -780,7 +829,31 @@ def train(
         bar.close()
     (out / "history.json").write_text(json.dumps(jsonable(trainer.history), indent=1), encoding="utf-8")
 
-    # ---- the model: EMA weights + card
+    # ---- the model: the EMA weights with the best perfect-model CRPS (else the last ones) + card
+    validation: dict[str, Any] | None = None
+    if perfect_model is not None and best_path.exists():
+        tensors, _ = read_safetensors(best_path)
+        trainer.ema.load_state_dict(tensors, strict=True)
+        scored = [h for h in trainer.history if "val_crps" in h]
+        chosen = min(scored, key=lambda h: h["val_crps"])
+        validation = {
+            "metric": (
+                f"perfect model: validation fields coarse-grained {perfect_model.factor}x, downscaled back "
+                f"at the coarse grid's scale (sigma {perfect_model.sigma:.4g}), {perfect_model.members} "
+                f"members, scored against the true fields in {da.attrs.get('units')}"
+            ),
+            "step": int(chosen["step"]),
+            "crps": chosen["val_crps"],
+            "bilinear_mae": perfect_model.bilinear_mae,
+            "mae_ensemble_mean": chosen["val_mae_mean"],
+            "spread_skill": chosen["val_spread_skill"],
+            "mean_ratio": chosen["val_mean_ratio"],
+            "beats_bilinear": bool(chosen["val_crps"] < perfect_model.bilinear_mae),
+            # step, CRPS, spread/skill, mean ratio of every validation
+            "curve": [
+                [int(h["step"]), h["val_crps"], h["val_spread_skill"], h["val_mean_ratio"]] for h in scored
+            ],
+        }
     losses = [h["loss"] for h in trainer.history if "loss" in h]
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
     times = train_da[train_da.dims[0]].values
@@ -830,6 +903,7 @@ def train(
             "seed": int(seed),
             "final_loss": losses[-1] if losses else None,
             "final_val_loss": vals[-1] if vals else None,
+            "validation": validation,
             "device": str(dev),
             "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
             "wall_time_s": round(time.time() - started, 1),
