@@ -330,3 +330,46 @@ def test_error_spatial_chunks_that_cannot_be_merged(cm_model, coarse, monkeypatc
     monkeypatch.setattr(api, "MAX_FIELD_BYTES", 16)
     with pytest.raises(ChunkingError, match="too large to become one chunk"):
         coarse.chunk({"lat": 2}).downscale.cm(model=cm_model.path, scale="200 km")
+
+
+def _block_means(da: xr.DataArray, factor: int = 4) -> np.ndarray:
+    return da.coarsen(lat=factor, lon=factor, boundary="trim").mean().values
+
+
+def test_preserve_keeps_the_inputs_means_over_its_cells(cm_model, coarse):
+    """Default for precipitation: over every input cell the output's mean is the input's (after units,
+    regridding and low-pass), to round-off; the network's own output does not meet them."""
+    x = coarse.isel(time=slice(0, 6))
+    out = x.downscale.cm(model=cm_model.path, scale="200 km", members=2, progress=False)
+    raw = x.downscale.cm(model=cm_model.path, scale="200 km", members=2, progress=False, preserve=False)
+    reference = x.downscale.prepare(model=cm_model.path, transform=False) / 86400.0  # mm/day -> kg m-2 s-1
+    want = _block_means(reference.where(cm_model.grid["mask"]))
+    for m in range(2):
+        got = _block_means(out.isel(member=m))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    assert np.nanmax(np.abs(_block_means(raw.isel(member=0)) - want)) > 1e-3 * np.nanmax(want)
+    assert out.attrs["downscale_preserve"] == "mean" and "preserve 'mean'" in out.attrs["history"]
+    assert raw.attrs["downscale_preserve"] == "none"
+    assert (out.values[np.isfinite(out.values)] >= 0).all()
+    np.testing.assert_array_equal(np.isnan(out.values), np.isnan(raw.values))
+
+
+def test_a_wetter_input_gives_an_equally_wetter_output(cm_model, coarse):
+    """The climate signal passes through: +20% input, +20% output (domain mean), with preserve."""
+    x = coarse.isel(time=slice(0, 4))
+    a = x.downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    b = (x * 1.2).assign_attrs(x.attrs).downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    assert float(b.mean()) / float(a.mean()) == pytest.approx(1.2, rel=1e-4)
+
+
+def test_preserve_lazy_equals_eager(cm_model, coarse):
+    x = coarse.isel(time=slice(0, 6))
+    eager = x.downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    lazy = x.chunk({"time": 4}).downscale.cm(model=cm_model.path, scale="200 km")
+    assert lazy.chunks is not None
+    np.testing.assert_allclose(lazy.values, eager.values, rtol=1e-6, atol=1e-12)
+
+
+def test_error_bad_preserve(cm_model, coarse):
+    with pytest.raises(InputError, match=r"preserve='median'.*True, False, 'mean' or 'lowpass'"):
+        coarse.downscale.cm(model=cm_model.path, scale="200 km", preserve="median", progress=False)

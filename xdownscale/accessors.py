@@ -45,16 +45,26 @@ class DownscaleAccessor:
         members: int = 1,
         seed: int = 0,
         steps: int = 1,
+        preserve: bool | str = True,
         **kwargs: Any,
     ) -> xr.DataArray:
-        """Downscale with a consistency model: noise to ``scale`` and denoise in ``steps`` calls.
+        """Downscale with a consistency model: noise to ``scale`` and denoise in ``steps`` calls; the
+        input's large scales are kept (``preserve``).
 
         Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for all arguments.
         """
         from .api import downscale
 
         return downscale(
-            self._da, model=model, method="cm", scale=scale, members=members, seed=seed, steps=steps, **kwargs
+            self._da,
+            model=model,
+            method="cm",
+            scale=scale,
+            members=members,
+            seed=seed,
+            steps=steps,
+            preserve=preserve,
+            **kwargs,
         )
 
     def sde(
@@ -65,6 +75,7 @@ class DownscaleAccessor:
         steps: int = 500,
         members: int = 1,
         seed: int = 0,
+        preserve: bool | str = True,
         **kwargs: Any,
     ) -> xr.DataArray:
         """Downscale with the score-based SDE bridge baseline (slow: ``steps`` network calls).
@@ -81,6 +92,7 @@ class DownscaleAccessor:
             members=members,
             seed=seed,
             steps=steps,
+            preserve=preserve,
             **kwargs,
         )
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import ChunkingError, GridMismatchError, InputError, PerformanceWarning, XDownscaleWarning
-from .xr.cf import Grid, find_grid, find_time, grid_extent, grid_spacing_km, standard_layout
+from .errors import InputError, XDownscaleWarning
+from .xr.cf import Grid, find_grid, find_time, grid_spacing_km
 
 __all__ = ["METHODS", "downscale", "prepare", "resolve_scale", "select_scale"]
 
@@ -82,7 +82,8 @@ def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, 
         raise InputError(f"downscale needs an xarray.DataArray, got {type(da).__name__}.")
     grid = find_grid(da)
     time = find_time(da)
-    from .xr.units import check_units_kind, time_step_seconds
+    from .xr.domain import rechunk_horizontal, squeeze_extra_dims
+    from .xr.units import check_units_kind, clip_negative, time_step_seconds
 
     check_units_kind(da, model.variable["kind"], units=units, model=model.name)
     frequency = str(getattr(model, "frequency", "") or "")
@@ -93,115 +94,22 @@ def _check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, 
             f"{_label(da)} has a time step of {step:g} days; model '{model.name}' was trained on daily "
             f"data. Resample first, e.g. da.resample({time}='1D').mean()."
         )
+    da = squeeze_extra_dims(da, grid, time)
     if da.chunks is not None:
-        da = _rechunk_horizontal(da, grid)
+        da = rechunk_horizontal(da, grid, max_field_bytes=MAX_FIELD_BYTES)
+    if model.variable["kind"] == "precipitation":
+        da = clip_negative(da)
     return da, grid, time
-
-
-def _rechunk_horizontal(da: xr.DataArray, grid: Grid) -> xr.DataArray:
-    chunks = dict(zip(da.dims, da.chunks or (), strict=False))
-    if all(len(chunks[d]) == 1 for d in grid.dims):
-        return da
-    field_bytes = da.sizes[grid.ydim] * da.sizes[grid.xdim] * da.dtype.itemsize
-    if field_bytes > MAX_FIELD_BYTES:
-        raise ChunkingError(
-            f"{_label(da)} is chunked along {grid.dims} and one field ({field_bytes / 2**30:.1f} GiB) is too "
-            "large to become one chunk. Cut the domain first (e.g. with .sel) or chunk only along time."
-        )
-    warnings.warn(
-        f"{_label(da)} is chunked along its horizontal dims {grid.dims}; rechunking them to one chunk "
-        "each (chunk along time instead: da.chunk({'time': 32, ...: -1})).",
-        PerformanceWarning,
-        stacklevel=3,
-    )
-    return da.chunk({grid.ydim: -1, grid.xdim: -1})
 
 
 # --------------------------------------------------------------------------------------------------
 # pipeline steps 1-5
 # --------------------------------------------------------------------------------------------------
-def _cut_and_pad(da: xr.DataArray, grid: Grid, target: xr.Dataset) -> xr.DataArray:
-    """Cut ``da`` to the target domain plus a margin, checking that it covers the domain.
-
-    A rectilinear input covers the domain when the target's cell centres lie within one input cell
-    of the input's own centres; the outermost input cells are then repeated one cell outwards so
-    bilinear interpolation has values up to the target's edge.
-    """
-    tgrid = find_grid(target)
-    text = grid_extent(target, tgrid)
-    sext = grid_extent(da, grid)
-    dy, dx = _degree_spacing(da, grid)
-    if not grid.curvilinear and not grid.periodic:
-        tlon = (text["lon_min"], text["lon_max"])
-        slon = (sext["lon_min"], sext["lon_max"])
-        # compare longitudes in the input's convention
-        shift = 0.0
-        if tlon[0] < slon[0] - 180:
-            shift = 360.0
-        elif tlon[1] > slon[1] + 180:
-            shift = -360.0
-        tlon = (tlon[0] + shift, tlon[1] + shift)
-        covered = (
-            text["lat_min"] >= sext["lat_min"] - dy - 1e-6
-            and text["lat_max"] <= sext["lat_max"] + dy + 1e-6
-            and tlon[0] >= slon[0] - dx - 1e-6
-            and tlon[1] <= slon[1] + dx + 1e-6
-        )
-    else:
-        covered = (
-            text["lat_min"] >= sext["lat_min"] - dy - 1e-6 and text["lat_max"] <= sext["lat_max"] + dy + 1e-6
-        )
-        tlon = (text["lon_min"], text["lon_max"])
-    if not covered:
-        raise GridMismatchError(
-            f"{_label(da)} covers lat {sext['lat_min']:.2f}..{sext['lat_max']:.2f}, lon "
-            f"{sext['lon_min']:.2f}..{sext['lon_max']:.2f}; the model grid needs lat {text['lat_min']:.2f}.."
-            f"{text['lat_max']:.2f}, lon {text['lon_min']:.2f}..{text['lon_max']:.2f} "
-            "(within one input cell). "
-            "Pass an input that covers the model's domain."
-        )
-    if grid.curvilinear or grid.periodic:
-        return da
-    da = standard_layout(da, grid)
-    lat = da[grid.lat].values
-    lon = da[grid.lon].values
-    ysel = (lat >= text["lat_min"] - 2 * dy) & (lat <= text["lat_max"] + 2 * dy)
-    xsel = (lon >= tlon[0] - 2 * dx) & (lon <= tlon[1] + 2 * dx)
-    da = da.isel({grid.ydim: np.flatnonzero(ysel), grid.xdim: np.flatnonzero(xsel)})
-    return _pad_edges(da, grid)
-
-
-def _pad_edges(da: xr.DataArray, grid: Grid) -> xr.DataArray:
-    padded = da.pad({grid.ydim: 1, grid.xdim: 1}, mode="edge")
-    coords = {}
-    for name, dim in ((grid.lat, grid.ydim), (grid.lon, grid.xdim)):
-        values = np.asarray(da[name].values, dtype=float)
-        step = values[1] - values[0] if values.size > 1 else 1.0
-        ext = np.concatenate([[values[0] - step], values, [values[-1] + step]])
-        if name == grid.lat:
-            ext = np.clip(ext, -90.0, 90.0)
-        coords[name] = (dim, ext, da[name].attrs)
-    padded = padded.assign_coords(coords)
-    if padded.chunks is not None:  # dask puts the padding into chunks of its own
-        padded = padded.chunk({grid.ydim: -1, grid.xdim: -1})
-    return padded
-
-
-def _degree_spacing(da: xr.DataArray, grid: Grid) -> tuple[float, float]:
-    if grid.curvilinear:
-        dy_km, dx_km = grid_spacing_km(da, grid)
-        return dy_km / 111.2, dx_km / 111.2
-    lat = np.asarray(da[grid.lat].values, dtype=float)
-    lon = np.unwrap(np.asarray(da[grid.lon].values, dtype=float), period=360.0)
-    dy = float(np.abs(np.diff(lat)).mean()) if lat.size > 1 else 180.0
-    dx = float(np.abs(np.diff(lon)).mean()) if lon.size > 1 else 360.0
-    return dy, dx
-
-
 def _to_model_grid(
     da: xr.DataArray, grid: Grid, model: Any, *, regrid: str, lowpass: bool, units: str | None
 ) -> xr.DataArray:
     """Steps 1-3: model units, cut, regrid, low-pass. Returns (time, lat, lon) on the model grid."""
+    from .xr.domain import cut_to_domain, fill_nan_nearest
     from .xr.regrid import regrid as regrid_to
     from .xr.spectra import lowpass as lowpass_filter
     from .xr.units import convert_units
@@ -210,7 +118,7 @@ def _to_model_grid(
     # float64 inside the pipeline: matrix products of different shapes (chunk sizes) then round to the
     # same float32 values, so results do not depend on chunking
     da = convert_units(da.astype(np.float64), model.variable["units"], units=units)
-    da = _cut_and_pad(da, grid, model.grid)
+    da = fill_nan_nearest(cut_to_domain(da, grid, model.grid), grid)
     fine = regrid_to(da, model.grid, method=regrid)
     fine_grid = find_grid(model.grid)
     fine_km = float(np.sqrt(np.prod(grid_spacing_km(model.grid, fine_grid))))
@@ -369,25 +277,28 @@ def _sample_times(n: int, sample: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, sample).round().astype(int))
 
 
-def _input_psd(transformed: xr.DataArray, sample: int) -> xr.DataArray:
+def _input_psd(transformed: xr.DataArray, sample: int, masked: str = "windows") -> xr.DataArray:
+    """Mean spectrum of at most ``sample`` evenly spaced time steps of the prepared input, with the
+    estimator ``masked`` for masked fields (that of the model's target spectrum: like with like)."""
     from .xr.spectra import psd
 
     time = find_time(transformed)
     subset = transformed.isel({time: _sample_times(transformed.sizes[time], sample)})
-    return psd(subset).mean(time)
+    return psd(subset, masked=masked).mean(time, keep_attrs=True)
 
 
 def resolve_scale(
     scale: Any, model: Any, transformed: xr.DataArray | None = None, *, sample: int = 365
 ) -> Any:
     """Turn ``scale`` ("auto", "150 km", a wavenumber, or a :class:`xdownscale.Scale`) into a Scale with
-    sigma, using the model's target spectrum. "auto" needs ``transformed`` (the prepared input)."""
-    from .xr.spectra import Scale
+    sigma, using the model's target spectrum. "auto" needs ``transformed`` (the prepared input) and
+    follows the rule of :func:`select_scale`."""
+    from .xr.spectra import Scale, masked_estimator
 
     if isinstance(scale, str) and scale.strip().lower() == "auto":
         if transformed is None:
             raise InputError("scale='auto' needs the prepared input to compare spectra.")
-        spectrum = _input_psd(transformed, sample).compute()
+        spectrum = _input_psd(transformed, sample, masked_estimator(model.target_psd)).compute()
         return _auto_scale(model, spectrum, transformed.attrs.get(INPUT_WAVENUMBER_ATTR))
     if isinstance(scale, Scale):
         return scale if scale.sigma is not None else scale.with_psd(model.target_psd)
@@ -403,33 +314,37 @@ def resolve_scale(
 
 
 def _auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | None) -> Any:
-    """The crossing of the input's and the model's spectra; where they do not cross (e.g. the input's
-    spectrum lies below the target's at every scale), the input's own resolution, with a warning."""
-    from .xr.spectra import Scale
-    from .xr.spectra import select_scale as select_crossing
+    """The scale of :func:`xdownscale.xr.spectra.select_scale` for the input's spectrum against the
+    model's, bounded by the input's resolution; a warning when the input lacks power even at the
+    largest scale allowed (a sign of wrong units or a missing bias correction)."""
+    from .core.spectra import MAX_INPUT_CELLS, POWER_RATIO
+    from .xr.spectra import select_scale as select_by_spectra
 
-    try:
-        return select_crossing(model.target_psd, spectrum)
-    except InputError as err:
-        if input_wavenumber is None:
-            raise
-        fallback = Scale.from_wavenumber(float(input_wavenumber), psd=model.target_psd)
-        warnings.warn(
-            f"scale='auto': the spectra of the input and of model '{model.name}' do not cross ({err}) "
-            f"Using the input's own resolution instead: {fallback}. Pass scale= to choose another.",
-            XDownscaleWarning,
-            stacklevel=3,
-        )
-        return fallback
+    chosen = select_by_spectra(model.target_psd, spectrum, input_wavenumber=input_wavenumber)
+    if input_wavenumber is not None:
+        k_lo = 2.0 * float(input_wavenumber) / MAX_INPUT_CELLS
+        if chosen.wavenumber is not None and chosen.wavenumber <= k_lo * (1 + 1e-9):
+            warnings.warn(
+                f"scale='auto': the input has less than {POWER_RATIO:g} times the power of model "
+                f"'{model.name}''s training data already at {MAX_INPUT_CELLS:g} input grid cells, the "
+                f"largest scale 'auto' picks; using {chosen}. Check the input's units and consider "
+                "qdm=True, or pass scale= to choose another.",
+                XDownscaleWarning,
+                stacklevel=3,
+            )
+    return chosen
 
 
 def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: Any) -> Any:
     """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da``.
 
-    That is the wavenumber where the mean spectrum of the prepared input (at most ``sample`` evenly
-    spaced time steps, after QDM when ``qdm=True``) falls below the model's target spectrum, with the
-    noise level sigma(t*) for it (Hess et al. 2024, Eq. 8). Where the two spectra do not cross, it is
-    the input's own resolution (its grid's Nyquist wavenumber on the model grid), with a warning."""
+    The mean spectrum of the prepared input (at most ``sample`` evenly spaced time steps, after QDM
+    when ``qdm=True``, in the model's transformed space, masked cells estimated the way the model's
+    target spectrum was) is compared with the model's target spectrum by
+    :func:`xdownscale.xr.spectra.select_scale`: between 4 and 2 cells of the input's grid (wavelength),
+    the first wavenumber where the input's power drops below half the target's, the input's Nyquist
+    scale (2 cells) where it never does; the noise level is sigma(t*) = sqrt(n_cells PSD_target(k*))
+    (Hess et al. 2024, Eq. 8). Warns when the input lacks power already at 4 input cells."""
     model = _load(model)
     transformed = prepare(da, model=model, **kwargs)
     return resolve_scale("auto", model, transformed, sample=sample)
@@ -439,7 +354,9 @@ def _lazy_sigma(transformed: xr.DataArray, model: Any, sample: int) -> Any:
     import dask
     import dask.array as dsa
 
-    spectrum = _input_psd(transformed, sample)
+    from .xr.spectra import masked_estimator
+
+    spectrum = _input_psd(transformed, sample, masked_estimator(model.target_psd))
 
     cutoff = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
 
@@ -475,6 +392,7 @@ def downscale(
     progress: bool | None = None,
     scale_sample: int = 365,
     qdm_kwargs: dict[str, Any] | None = None,
+    preserve: bool | str = True,
 ) -> xr.DataArray:
     """Downscale a coarse field with a generative model trained on fine data.
 
@@ -488,9 +406,10 @@ def downscale(
         ``"cm"`` (consistency model, one network call per field) or ``"sde"`` (SDE bridge baseline).
         The model's kind must match.
     scale
-        Spatial scale below which the input's patterns are replaced: ``"auto"`` (where the input's
-        spectrum falls below the model's target spectrum), a length such as ``"150 km"``, a wavenumber in
-        cycles per grid cell, or an :class:`xdownscale.Scale`.
+        Spatial scale below which the input's patterns are replaced: ``"auto"`` (between 4 and 2 cells
+        of the input's grid, where the input's power drops below half the model's target spectrum; see
+        :func:`select_scale`), a length such as ``"150 km"``, a wavenumber in cycles per grid cell, a
+        noise level ``"sigma=0.5"``, or an :class:`xdownscale.Scale`.
     members
         Ensemble members per field, from independent noise.
     seed
@@ -516,6 +435,13 @@ def downscale(
         Show a progress bar (default: for eager, NumPy-backed input).
     scale_sample
         Time steps (evenly spaced) used to estimate the input's mean spectrum for ``scale="auto"``.
+    preserve
+        Keep the input's large scales in the output (after denoising, in the model's units): ``"mean"``
+        makes the output's mean over each cell of the input's grid equal to the (bias-corrected) input's,
+        exactly and multiplicatively (signs, dry cells and climate signals of the input are kept);
+        ``"lowpass"`` makes the output's low-pass at the input's resolution equal to the input's
+        (additive). ``True`` (default): ``"mean"`` for precipitation, ``"lowpass"`` otherwise; ``False``:
+        the network's output as it is.
 
     Returns
     -------
@@ -589,6 +515,9 @@ def downscale(
     )
     out = model.transform.inverse(values)
     out = out.where(_mask(model))
+    rule = _preserve_rule(preserve, model)
+    if rule is not None:
+        out = _preserve(out, transformed, da, model, rule)
     out.attrs = {}
     out.attrs["units"] = model.variable["units"]
     if source_units is not None:
@@ -609,9 +538,44 @@ def downscale(
             seed=seed,
             members=members,
             qdm=qdm,
+            preserve=rule,
         )
     )
     return out
+
+
+def _preserve_rule(preserve: Any, model: Any) -> str | None:
+    from .xr.preserve import default_rule
+
+    if preserve is True:
+        return default_rule(model.variable["kind"])
+    if preserve is False or preserve is None:
+        return None
+    if preserve in ("mean", "lowpass"):
+        if preserve == "mean" and model.variable["kind"] != "precipitation":
+            raise InputError(
+                f"preserve='mean' scales the output multiplicatively, for non-negative amounts; model "
+                f"'{model.name}' is for {model.variable['kind']}. Use preserve='lowpass' (or True)."
+            )
+        return str(preserve)
+    raise InputError(f"preserve={preserve!r}: expected True, False, 'mean' or 'lowpass'.")
+
+
+def _preserve(out: xr.DataArray, transformed: xr.DataArray, da: xr.DataArray, model: Any, rule: str) -> Any:
+    """The output with the input's large scales (``rule``) restored, in the model's units."""
+    from .xr.domain import cut_to_domain
+    from .xr.preserve import preserve_large_scales
+
+    reference = model.transform.inverse(transformed).where(_mask(model))
+    if rule == "mean":
+        with warnings.catch_warnings():  # any coverage warning was given by prepare already
+            warnings.simplefilter("ignore")
+            coarse = cut_to_domain(da, find_grid(da), model.grid, partial=True)
+        return preserve_large_scales(out, reference, rule="mean", coarse=coarse)
+    wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
+    if wavenumber is None:  # the input is at least as fine as the model grid
+        return out
+    return preserve_large_scales(out, reference, rule="lowpass", wavenumber=float(wavenumber))
 
 
 def _denoise(
@@ -702,14 +666,13 @@ def _output_attrs(
     seed: int,
     members: int,
     qdm: Any,
+    preserve: str | None = None,
 ) -> dict[str, Any]:
     from . import __version__
+    from .xr.units import cf_names
 
-    attrs: dict[str, Any] = {}
-    for key in ("standard_name", "long_name"):
-        value = da.attrs.get(key) or model.variable.get(key)
-        if value:
-            attrs[key] = value
+    # the input's own names, made consistent with its units: never the training data's long_name
+    attrs: dict[str, Any] = dict(cf_names(da, model.variable["kind"]))
     attrs["cell_methods"] = da.attrs.get("cell_methods", "time: mean")
     if scale is not None and scale.wavenumber is not None:
         attrs["downscale_scale_wavenumber"] = float(scale.wavenumber)
@@ -732,15 +695,17 @@ def _output_attrs(
     attrs["downscale_method"] = method
     attrs["downscale_members"] = int(members)
     attrs["downscale_seed"] = int(seed)
+    attrs["downscale_preserve"] = preserve or "none"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     entry = (
         f"{now}: xdownscale {__version__} {method} downscaling with model '{model.name}' v{model.version} "
         f"(sha256 {model.sha256}), scale {scale_text}, steps {steps}, members {members}, seed {seed}"
         f"{', QDM' if qdm is not False and qdm is not None else ''}"
+        f"{f', preserve {preserve!r}' if preserve else ''}"
     )
     previous = da.attrs.get("history")
     attrs["history"] = f"{previous}\n{entry}" if previous else entry
     attrs["downscale_config"] = json.dumps(
-        {"method": method, "steps": steps, "members": members, "seed": seed}
+        {"method": method, "steps": steps, "members": members, "seed": seed, "preserve": preserve}
     )
     return attrs

@@ -1,0 +1,170 @@
+"""preserve=: the downscaled field keeps the input's large scales (exact coarse-cell means, or low-pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from xdownscale.core.preserve import preserve_means
+from xdownscale.datasets import regional_grid, synthetic_precipitation
+from xdownscale.errors import InputError
+from xdownscale.xr.preserve import coarse_cell_operators, preserve_large_scales
+from xdownscale.xr.spectra import lowpass
+
+
+def _coarse_grid(res: float = 1.4, lat0: float = 33.3, lon0: float = -10.7) -> xr.DataArray:
+    """A coarse grid not aligned with the fine one (like an ESM's 1.4 deg grid over a 0.25 deg domain)."""
+    g = regional_grid(5, 6, lat0=lat0, lon0=lon0, res=res)
+    return xr.DataArray(np.zeros((5, 6)), dims=("lat", "lon"), coords=g.coords)
+
+
+@pytest.fixture(scope="module")
+def fields() -> tuple[xr.DataArray, xr.DataArray]:
+    """A 'downscaled' output (wetter, other pattern) and the reference input, masked sea, dry days."""
+    out = synthetic_precipitation(ny=16, nx=24, ntime=6, mask=True, seed=1) * 1.4
+    ref = synthetic_precipitation(ny=16, nx=24, ntime=6, mask=True, seed=2)
+    ref = lowpass(ref.fillna(0.0), 0.125).clip(min=0.0).where(np.isfinite(out))
+    ref[2] = ref[2].where(ref[2].isnull(), 0.0)  # a dry day in the input
+    return out, ref
+
+
+def _coarse_means(da: xr.DataArray, coarse: xr.DataArray) -> np.ndarray:
+    """Oracle: the mean of the valid fine cells whose centres lie within each coarse cell's bounds."""
+    lat_b = np.r_[coarse.lat.values - 0.7, coarse.lat.values[-1] + 0.7]
+    lon_b = np.r_[coarse.lon.values - 0.7, coarse.lon.values[-1] + 0.7]
+    iy = np.searchsorted(lat_b, da.lat.values) - 1
+    ix = np.searchsorted(lon_b, da.lon.values) - 1
+    means = []
+    for j in range(coarse.sizes["lat"]):
+        for i in range(coarse.sizes["lon"]):
+            block = da.values[:, iy == j][:, :, ix == i].reshape(da.shape[0], -1)
+            if np.isfinite(block[0]).any():
+                means.append(np.nanmean(block, axis=1))
+    return np.stack(means, axis=1)
+
+
+def test_coarse_cell_means_equal_the_inputs_to_round_off(fields: tuple) -> None:
+    out, ref = fields
+    coarse = _coarse_grid()
+    fixed = preserve_large_scales(out, ref, rule="mean", coarse=coarse)
+    want, got = _coarse_means(ref, coarse), _coarse_means(fixed, coarse)
+    before = _coarse_means(out, coarse)
+    assert np.abs(before - want).max() > 0.1  # there was something to correct
+    np.testing.assert_allclose(got, want, atol=1e-6 * want.max())
+    # signs, the mask and the dry day are kept
+    assert float(fixed.min()) >= 0.0
+    np.testing.assert_array_equal(np.isnan(fixed.values), np.isnan(out.values))
+    assert float(fixed[2].max()) == 0.0
+    # the output's own pattern survives: it is still closer to itself than to the input
+    corr_self = xr.corr(fixed[0], out[0]).item()
+    corr_ref = xr.corr(fixed[0], ref[0]).item()
+    assert corr_self > corr_ref
+
+
+def test_a_field_that_already_meets_the_means_is_unchanged(fields: tuple) -> None:
+    _, ref = fields
+    fixed = preserve_large_scales(ref, ref, rule="mean", coarse=_coarse_grid())
+    np.testing.assert_allclose(fixed.values, ref.values, rtol=1e-9, atol=1e-12)
+
+
+def test_scaling_the_input_scales_the_output(fields: tuple) -> None:
+    """A 20% wetter input gives a 20% wetter output: the climate signal is passed on."""
+    out, ref = fields
+    coarse = _coarse_grid()
+    a = preserve_large_scales(out, ref, rule="mean", coarse=coarse)
+    b = preserve_large_scales(out, ref * 1.2, rule="mean", coarse=coarse)
+    ratio = float(b.mean()) / float(a.mean())
+    assert ratio == pytest.approx(1.2, rel=1e-5)
+
+
+def test_every_fine_cell_belongs_to_the_coarse_cell_holding_its_centre() -> None:
+    fine = regional_grid(16, 24)
+    cell, smooth = coarse_cell_operators(fine, _coarse_grid())
+    lat2, lon2 = np.meshgrid(fine.lat.values, fine.lon.values, indexing="ij")
+    coarse = _coarse_grid()
+    iy, ix = np.divmod(cell, coarse.sizes["lon"])
+    assert (cell >= 0).all()
+    assert (np.abs(coarse.lat.values[iy] - lat2.ravel()) <= 0.7).all()
+    assert (np.abs(coarse.lon.values[ix] - lon2.ravel()) <= 0.7).all()
+    assert smooth is not None and smooth.shape == (16 * 24, 30)
+    np.testing.assert_allclose(smooth.sum(axis=1), 1.0)
+    # longitudes in 0..360 on the coarse grid: the same cells
+    shifted = coarse.assign_coords(lon=coarse.lon % 360)
+    np.testing.assert_array_equal(coarse_cell_operators(fine, shifted)[0], cell)
+
+
+def test_a_curvilinear_input_grid_uses_the_nearest_centre(fields: tuple) -> None:
+    out, ref = fields
+    coarse = _coarse_grid()
+    lat2d, lon2d = np.meshgrid(coarse.lat.values, coarse.lon.values, indexing="ij")
+    curvilinear = xr.DataArray(
+        np.zeros(lat2d.shape),
+        dims=("y", "x"),
+        coords={
+            "lat": (("y", "x"), lat2d, {"standard_name": "latitude", "units": "degrees_north"}),
+            "lon": (("y", "x"), lon2d, {"standard_name": "longitude", "units": "degrees_east"}),
+        },
+    )
+    cell, smooth = coarse_cell_operators(out, curvilinear)
+    assert smooth is None
+    same = cell == coarse_cell_operators(out, coarse)[0]
+    assert same.mean() > 0.9  # nearest centre ~ containing cell on a regular grid
+    fixed = preserve_large_scales(out, ref, rule="mean", coarse=curvilinear)
+    assert float(fixed.min()) >= 0.0 and np.isfinite(fixed.values).sum() == np.isfinite(out.values).sum()
+
+
+def test_lazy_and_chunked_results_equal_the_eager_one(fields: tuple) -> None:
+    out, ref = fields
+    coarse = _coarse_grid()
+    eager = preserve_large_scales(out, ref, rule="mean", coarse=coarse)
+    lazy = preserve_large_scales(out.chunk({"time": 4}), ref.chunk({"time": 2}), rule="mean", coarse=coarse)
+    assert lazy.chunks is not None
+    np.testing.assert_array_equal(lazy.values, eager.values)
+
+
+def test_member_dimension_is_corrected_member_by_member(fields: tuple) -> None:
+    out, ref = fields
+    coarse = _coarse_grid()
+    ens = xr.concat([out, out * 0.5], dim="member").transpose("time", "member", "lat", "lon")
+    fixed = preserve_large_scales(ens, ref, rule="mean", coarse=coarse)
+    assert fixed.dims == ens.dims
+    for m in range(2):
+        np.testing.assert_allclose(
+            _coarse_means(fixed.isel(member=m), coarse), _coarse_means(ref, coarse), atol=1e-5
+        )
+
+
+def test_lowpass_rule_restores_the_inputs_large_scales() -> None:
+    from xdownscale.datasets import synthetic_temperature
+
+    out = synthetic_temperature(ny=16, nx=24, ntime=3, seed=1) + 2.0
+    ref = synthetic_temperature(ny=16, nx=24, ntime=3, seed=2)
+    fixed = preserve_large_scales(out, ref, rule="lowpass", wavenumber=0.125)
+    np.testing.assert_allclose(lowpass(fixed, 0.125).values, lowpass(ref, 0.125).values, atol=0.05)
+    # the small scales are the output's
+    small = (fixed - lowpass(fixed, 0.125)) - (out - lowpass(out, 0.125))
+    assert float(np.abs(small).mean()) < 0.1 * float(np.abs(out - lowpass(out, 0.125)).mean())
+
+
+def test_errors_name_the_fix(fields: tuple) -> None:
+    out, ref = fields
+    with pytest.raises(InputError, match="'mean' or 'lowpass'"):
+        preserve_large_scales(out, ref, rule="median")
+    with pytest.raises(InputError, match="coarse input's grid"):
+        preserve_large_scales(out, ref, rule="mean")
+    with pytest.raises(InputError, match="wavenumber"):
+        preserve_large_scales(out, ref, rule="lowpass")
+    with pytest.raises(InputError, match="at least 2 x 2 cells"):
+        preserve_large_scales(out, ref, rule="mean", coarse=_coarse_grid().isel(lat=[0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        preserve_means(-np.ones((1, 4)), np.ones((1, 4)), np.zeros(4, int))
+
+
+def test_a_field_missing_in_the_input_does_not_mask_the_others(fields: tuple) -> None:
+    out, ref = fields
+    ref = ref.copy()
+    ref[1] = np.nan  # a missing day
+    fixed = preserve_large_scales(out, ref, rule="mean", coarse=_coarse_grid())
+    assert np.isnan(fixed.values[1]).all()
+    np.testing.assert_array_equal(np.isnan(fixed.values[0]), np.isnan(out.values[0]))

@@ -1,0 +1,135 @@
+"""Restore the large scales of a downscaled field exactly: mass-conserving, sign-keeping corrections.
+
+A generative model re-creates the small scales of a field; the large scales must be the input's. Noise
+left in a log-transformed space turns into a positive bias after ``exp`` (Jensen), and an imperfect
+network drifts too, so after denoising the output's mean over each input (coarse) grid cell is pulled
+back to the input's. Each fine cell belongs to the coarse cell its centre lies in (``cell``); with ``y`` the
+output and ``p`` the (bias-corrected) input on the fine grid, the constraints are
+
+``mean(y[cell == j]) == mean(p[cell == j])`` for every coarse cell ``j``,
+
+means over the valid (unmasked) fine cells. For non-negative variables (precipitation) the correction is
+multiplicative, so signs and dry cells are kept and a dry coarse cell comes back dry: a few passes scale
+``y`` by a *smooth* field (the ratios of the coarse means interpolated to the fine grid with the matrix
+``S``), which leaves almost no seams at coarse-cell edges, then one exact pass scales each coarse cell by
+its remaining ratio, which meets the constraints to round-off (the cells partition the fine grid, so the
+passes of different cells do not interact). Where the output is dry over a whole coarse cell that the
+input says is wet, the input's own values are used there (a multiplicative correction cannot create rain
+from nothing).
+
+Numerics only (numpy); :mod:`xdownscale.xr.preserve` finds ``cell`` and ``S`` from the grids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["preserve_means"]
+
+#: fields corrected together (memory: a few (fields, fine cells) arrays)
+_BATCH = 256
+
+
+def preserve_means(
+    y: np.ndarray,
+    p: np.ndarray,
+    cell: np.ndarray,
+    smooth: np.ndarray | None = None,
+    *,
+    passes: int = 2,
+) -> np.ndarray:
+    """Scale non-negative fields ``y`` so that their coarse-cell means equal those of ``p``.
+
+    Parameters
+    ----------
+    y
+        Downscaled fields, shape (..., N) over the N fine cells (NaN = masked), values >= 0.
+    p
+        Reference fields (the input on the fine grid), broadcastable to ``y``; NaN where masked.
+    cell
+        Shape (N,), integer: the coarse cell (0 .. M-1) each fine cell's centre lies in; -1 for fine cells
+        in none (they keep their values).
+    smooth
+        Optional shape (N, M): interpolation weights from the coarse-cell centres to the fine cells, for
+        the smooth passes. Without it only the exact (piecewise constant) pass is made.
+    passes
+        Number of smooth passes before the exact one.
+
+    Returns
+    -------
+    ndarray
+        ``y`` corrected, float64, same shape; NaN where ``y`` or ``p`` is NaN. Fields are corrected
+        independently (the valid cells may differ between fields).
+
+    Raises
+    ------
+    ValueError
+        Negative values in ``y`` or ``p``, or ``cell`` of the wrong shape.
+    """
+    y = np.array(y, dtype=np.float64, copy=True)
+    p = np.broadcast_to(np.asarray(p, dtype=np.float64), y.shape)
+    shape = y.shape
+    n = shape[-1]
+    cell = np.asarray(cell)
+    if cell.shape != (n,):
+        raise ValueError(f"cell must have shape ({n},) like the fields' last axis; got {cell.shape}.")
+    y2 = y.reshape(-1, n)
+    p2 = p.reshape(-1, n)
+    finite = np.isfinite(y2) & np.isfinite(p2)
+    if (np.nan_to_num(y2) < 0).any() or (np.nan_to_num(p2) < 0).any():
+        raise ValueError("preserve_means keeps signs multiplicatively: y and p must be >= 0.")
+    out = np.where(finite, y2, np.nan)
+    s = None if smooth is None else np.asarray(smooth, dtype=np.float64)
+    # fields with the same valid cells (usually all of them: the model's mask) are corrected together
+    patterns, group = np.unique(np.packbits(finite, axis=1), axis=0, return_inverse=True)
+    for g in range(len(patterns)):
+        fields = np.flatnonzero(group.ravel() == g)
+        common = finite[fields[0]]
+        valid = common & (cell >= 0)
+        if not valid.any():
+            continue
+        cells, index = np.unique(cell[valid], return_inverse=True)
+        members = np.zeros((cells.size, n))
+        members[index, np.flatnonzero(valid)] = 1.0
+        mean = members / members.sum(axis=1, keepdims=True)  # (M, N): means over the valid fine cells
+        spread = members.T  # (N, M): a coarse value to its fine cells
+        sg = None if s is None else s[:, cells]
+        for start in range(0, fields.size, _BATCH):
+            part = fields[start : start + _BATCH]
+            yv = np.where(common, out[part], 0.0)
+            pv = np.where(common, p2[part], 0.0)
+            fixed = _correct(yv, pv, mean, spread, sg, valid, passes)
+            out[part] = np.where(common, fixed, np.nan)
+    return out.reshape(shape)
+
+
+def _correct(
+    y: np.ndarray,
+    p: np.ndarray,
+    mean: np.ndarray,
+    spread: np.ndarray,
+    s: np.ndarray | None,
+    valid: np.ndarray,
+    passes: int,
+) -> np.ndarray:
+    """All passes for a stack of fields (F, N)."""
+    target = p @ mean.T  # (F, M)
+    tiny = 1e-12 * np.maximum(np.abs(target).max(axis=1, keepdims=True), 1e-300)
+    dry = target <= tiny
+    # a dry coarse cell stays dry; a wet one the output left dry takes the input's values
+    y = np.where(valid & ((dry @ spread.T) > 0), 0.0, y)
+    empty = ((y @ mean.T) <= tiny) & ~dry
+    y = np.where(valid & ((empty @ spread.T) > 0), p, y)
+
+    def ratios(y: np.ndarray) -> np.ndarray:
+        have = y @ mean.T
+        return np.divide(target, have, out=np.zeros_like(target), where=~dry & (have > 0))
+
+    if s is not None:
+        # interpolate from the wet cells only (a dry cell's ratio is undefined): a field that already
+        # meets every mean gets the ratio 1 everywhere
+        weight = (~dry).astype(np.float64) @ s.T  # (F, N)
+        for _ in range(passes):
+            smooth = np.divide(ratios(y) @ s.T, weight, out=np.ones_like(weight), where=weight > 0)
+            y = np.where(valid, y * smooth, y)
+    return np.where(valid, y * (ratios(y) @ spread.T), y)

@@ -1,0 +1,173 @@
+"""Keep the input's large scales in downscaled DataArrays (the ``preserve=`` option of ``.downscale``).
+
+Two rules, one per kind of variable:
+
+* ``"mean"`` (precipitation and other non-negative amounts): over each cell of the *input's* grid, the
+  mean of the output's fine cells whose centres lie in it equals that of the (bias-corrected) input on the
+  fine grid, to round-off; the correction is multiplicative and smooth (see
+  :mod:`xdownscale.core.preserve`), so it keeps signs, dry cells and the NaN mask. A climate-change
+  signal of the input is passed on cell by cell.
+* ``"lowpass"`` (temperature and other unbounded variables): the low-pass of the output at the input's
+  resolution equals the low-pass of the input: ``y + lowpass(p - y)``.
+
+Both act per field (time step and member), so results do not depend on chunking. On a curvilinear
+input grid a fine cell belongs to the input cell with the nearest centre and the correction is piecewise
+constant (no smooth passes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..core.preserve import preserve_means
+from ..core.regrid_weights import lat_cell_bounds, linear_weights_1d, lon_cell_bounds
+from ..errors import InputError
+from .cf import find_grid
+
+__all__ = ["coarse_cell_operators", "preserve_large_scales"]
+
+
+def _containing(centres: np.ndarray, bounds: np.ndarray, *, period: float | None = None) -> np.ndarray:
+    """Index of the interval of ``bounds`` (n, 2) that holds each of ``centres``; -1 for none."""
+    lo = bounds[:, 0][None, :]
+    width = (bounds[:, 1] - bounds[:, 0])[None, :]
+    offset = centres[:, None] - lo
+    if period is not None:
+        offset = np.mod(offset, period)
+    inside = (offset >= 0) & (offset < width)
+    return np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+
+
+def coarse_cell_operators(
+    fine: xr.DataArray | xr.Dataset, coarse: xr.DataArray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The coarse cell each fine cell's centre lies in, and interpolation from the coarse cell centres.
+
+    Returns
+    -------
+    cell
+        Shape (N,), N = fine cells in (lat, lon) row-major order: index (row-major over ``coarse``'s own
+        horizontal dims) of the coarse cell holding the fine cell's centre, -1 outside every coarse cell.
+        On a curvilinear coarse grid, the cell with the nearest centre (on the sphere).
+    smooth
+        Shape (N, M): bilinear weights from the coarse cell centres to the fine cell centres, or None for a
+        curvilinear coarse grid.
+
+    Raises
+    ------
+    InputError
+        The model grid is curvilinear, or the coarse grid has fewer than 2 x 2 cells.
+    """
+    fgrid, cgrid = find_grid(fine), find_grid(coarse)
+    if fgrid.curvilinear:
+        raise InputError("preserve needs a model grid with 1-D latitude and longitude. Pass preserve=False.")
+    flat = np.asarray(fine[fgrid.lat].values, dtype=float)
+    flon = np.asarray(fine[fgrid.lon].values, dtype=float)
+    shape = (coarse.sizes[cgrid.ydim], coarse.sizes[cgrid.xdim])
+    if min(shape) < 2:
+        raise InputError(
+            f"preserve needs an input grid with at least 2 x 2 cells; it has {shape[0]} x {shape[1]}. "
+            "Pass preserve=False."
+        )
+    if cgrid.curvilinear:
+        from scipy.spatial import cKDTree
+
+        def xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+            la, lo = np.deg2rad(lat), np.deg2rad(lon)
+            return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1)
+
+        clat = np.asarray(coarse[cgrid.lat].transpose(cgrid.ydim, cgrid.xdim).values, dtype=float)
+        clon = np.asarray(coarse[cgrid.lon].transpose(cgrid.ydim, cgrid.xdim).values, dtype=float)
+        lat2, lon2 = np.meshgrid(flat, flon, indexing="ij")
+        _, cell = cKDTree(xyz(clat.ravel(), clon.ravel())).query(xyz(lat2.ravel(), lon2.ravel()))
+        return np.asarray(cell, dtype=np.int64), None
+    clat = np.asarray(coarse[cgrid.lat].values, dtype=float)
+    clon = np.asarray(coarse[cgrid.lon].values, dtype=float)
+    iy = _containing(flat, lat_cell_bounds(clat))
+    ix = _containing(flon, lon_cell_bounds(clon, cgrid.periodic), period=360.0)
+    cell = np.where((iy[:, None] >= 0) & (ix[None, :] >= 0), iy[:, None] * clon.size + ix[None, :], -1)
+    sy = linear_weights_1d(clat, flat, "lat").toarray()
+    sx = linear_weights_1d(clon, flon, "lon", periodic=cgrid.periodic).toarray()
+    return cell.ravel(), np.kron(sy, sx)
+
+
+def preserve_large_scales(
+    out: xr.DataArray,
+    reference: xr.DataArray,
+    *,
+    rule: str,
+    coarse: xr.DataArray | None = None,
+    wavenumber: float | None = None,
+) -> xr.DataArray:
+    """Correct downscaled fields so that their large scales are those of ``reference``.
+
+    Parameters
+    ----------
+    out
+        Downscaled fields on the model grid, (time, [member,] lat, lon), physical units.
+    reference
+        The input on the model grid after regridding, low-pass and bias correction, (time, lat, lon),
+        the same units.
+    rule
+        ``"mean"`` (multiplicative, exact means over ``coarse``'s cells) or ``"lowpass"`` (additive,
+        low-pass at ``wavenumber``).
+    coarse
+        The input on its own grid, cut to the model's domain (only its coordinates are used); needed for
+        ``"mean"``.
+    wavenumber
+        Cut-off in cycles per model grid cell; needed for ``"lowpass"``.
+
+    Returns
+    -------
+    DataArray
+        Like ``out``, lazy when it is.
+    """
+    grid = find_grid(out)
+    core = [grid.ydim, grid.xdim]
+    reference = reference.transpose(..., *core)
+    if rule == "mean":
+        if coarse is None:
+            raise InputError("preserve='mean' needs the coarse input's grid.")
+        cell, smooth = coarse_cell_operators(out, coarse)
+        ny, nx = out.sizes[grid.ydim], out.sizes[grid.xdim]
+
+        def apply(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+            lead = y.shape[:-2]
+            flat = preserve_means(y.reshape(*lead, ny * nx), p.reshape(*p.shape[:-2], ny * nx), cell, smooth)
+            return flat.reshape(y.shape).astype(y.dtype)
+
+        result = xr.apply_ufunc(
+            apply,
+            out,
+            reference,
+            input_core_dims=[core, core],
+            output_core_dims=[core],
+            dask="parallelized",
+            output_dtypes=[out.dtype],
+            keep_attrs=True,
+        )
+        return result.transpose(*out.dims)
+    if rule == "lowpass":
+        if wavenumber is None:
+            raise InputError("preserve='lowpass' needs the scale's wavenumber.")
+        from .spectra import lowpass
+
+        diff = reference - out
+        corrected = out + lowpass(diff.where(np.isfinite(diff), 0.0), float(wavenumber))
+        return corrected.where(np.isfinite(out)).transpose(*out.dims)
+    raise InputError(f"preserve rule {rule!r}: expected 'mean' or 'lowpass'.")
+
+
+def default_rule(kind: str) -> str:
+    """``"mean"`` for precipitation, ``"lowpass"`` for other variables."""
+    return "mean" if kind == "precipitation" else "lowpass"
+
+
+def _describe(rule: Any) -> str:
+    return {
+        "mean": "the input's means over its own grid cells restored (multiplicative, exact)",
+        "lowpass": "the input's low-pass at its own resolution restored (additive)",
+    }.get(str(rule), str(rule))
