@@ -83,8 +83,11 @@ def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespac
         warnings.simplefilter("always", XDownscaleWarning)
         scale = test.downscale.select_scale(model=cm, qdm=True, hist=hist)
     notes = [str(w.message) for w in caught]
-    for steps in (1, 2):
-        name = f"CM {steps} step{'s' if steps > 1 else ''}"
+    for name, steps, preserve in (
+        ("CM 1 step", 1, True),
+        ("CM 1 step, preserve=False", 1, False),
+        ("CM 2 steps", 2, True),
+    ):
         t0 = time.perf_counter()
         out = test.downscale.cm(
             model=cm,
@@ -95,6 +98,7 @@ def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespac
             qdm=True,
             hist=hist,
             progress=False,
+            preserve=preserve,
         )
         fields[name] = _mm(out).load()
         seconds[name] = (time.perf_counter() - t0) / (test.sizes["time"] * args.members)
@@ -205,7 +209,7 @@ def figures(
     written.append(_save(fig, f"{slug}-latitude.png"))
 
     cm1 = fields["CM 1 step"]
-    wettest = int(fields["QDM only"].mean(("lat", "lon")).argmax())
+    wettest = int(np.argmax(fields["QDM only"].mean(("lat", "lon")).values))
     day = str(cm1["time"].values[wettest])[:10]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), constrained_layout=True)
     vmax = float(np.nanpercentile(cm1.isel(time=wettest).values, 99))
@@ -280,11 +284,184 @@ def scale_sweep(
                 "mae": float(metrics.mean_abs_error(out, truth)),
                 "p95": float(metrics.quantile_abs_error(out, truth, q=0.95)),
                 "log_spectral_distance": float(
-                    np.sqrt(np.mean((np.log(_psd(out, cm).values) - truth_psd) ** 2))
+                    np.sqrt(np.nanmean((np.log(_psd(out, cm).values) - truth_psd) ** 2))
                 ),
             }
         )
     return rows
+
+
+# ----------------------------------------------------------------------------------- paired (model)
+def _paired_inputs(truth: xr.DataArray, factor: int, days: int) -> tuple[xr.DataArray, xr.DataArray]:
+    """A perfect-model input: E-OBS test days averaged over ``factor`` x ``factor`` blocks (sea ignored)."""
+    from xdownscale.datasets import coarsen_like_esm
+
+    sub = truth.isel(time=_blocks(truth.sizes["time"], days))
+    # pad with NaN (no data) to whole blocks, so the coarse grid covers the whole domain
+    pad = {d: (-sub.sizes[d]) % factor for d in ("lat", "lon")}
+    padded = sub.pad({d: (0, n) for d, n in pad.items()})
+    for d, n in pad.items():
+        c = sub[d].values
+        padded = padded.assign_coords(
+            {d: (d, np.r_[c, c[-1] + (c[1] - c[0]) * np.arange(1, n + 1)], sub[d].attrs)}
+        )
+    coarse = coarsen_like_esm(padded, factor=factor).assign_attrs(units="mm/day")
+    return sub, coarse
+
+
+def _paired_scores(field: xr.DataArray, truth: xr.DataArray, cm: Any) -> dict[str, float]:
+    """Day-by-day scores against the truth (mm/day; land cells)."""
+    mask = cm.grid["mask"]
+    truth = truth.where(mask)
+    ens = field if "member" in field.dims else field.expand_dims(member=[0])
+    ens = ens.where(mask)
+    mean = ens.mean("member")
+    err = mean - truth
+    crps = float(metrics.crps_ensemble(ens, truth, mean=...))
+    rmse = float(np.sqrt((err**2).mean()))
+    m = ens.sizes["member"]
+    spread = float(np.sqrt(ens.var("member", ddof=1).mean())) * np.sqrt((m + 1) / m) if m > 1 else np.nan
+    tv = truth.values[np.isfinite(truth.values)]
+    ev = ens.values[np.isfinite(ens.values)]
+    truth_psd = np.log(_psd(truth, cm).values)
+    out_psd = np.log(_psd(ens, cm).values)
+    ok = np.isfinite(truth_psd) & np.isfinite(out_psd)
+    return {
+        "crps": crps,
+        "mae_mean": float(np.abs(err).mean()),
+        "rmse_mean": rmse,
+        "spread_skill": spread / rmse if m > 1 else float("nan"),
+        "mean_ratio": float(ev.mean()) / float(tv.mean()),
+        "wet_freq": float((ev >= 1.0).mean()),
+        "wet_freq_truth": float((tv >= 1.0).mean()),
+        "p99": float(np.quantile(ev, 0.99)),
+        "p99_truth": float(np.quantile(tv, 0.99)),
+        "log_spectral_distance": float(np.sqrt(np.mean((out_psd[ok] - truth_psd[ok]) ** 2))),
+        "members": m,
+    }
+
+
+def paired(
+    label: str,
+    truth: xr.DataArray,
+    coarse: xr.DataArray,
+    cm: Any,
+    sde: Any,
+    args: argparse.Namespace,
+    *,
+    qdm: bool = False,
+    hist: xr.DataArray | None = None,
+) -> tuple[list[dict], Any, dict, list[str]]:
+    """Downscale ``coarse`` (which shares its days with ``truth``) and score every method day by day."""
+    kwargs: dict[str, Any] = {"qdm": qdm, "hist": hist} if qdm else {}
+    fields: dict[str, xr.DataArray] = {}
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fields["bilinear" + (" + QDM" if qdm else "")] = _mm(
+        coarse.downscale.prepare(model=cm, transform=False, **kwargs)
+    ).load()
+    seconds[next(iter(fields))] = (time.perf_counter() - t0) / coarse.sizes["time"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        scale = coarse.downscale.select_scale(model=cm, **kwargs)
+    for name, extra in (
+        ("CM 1 step", {}),
+        ("CM 1 step, preserve=False", {"preserve": False}),
+        ("CM 2 steps", {"steps": 2}),
+    ):
+        t0 = time.perf_counter()
+        out = coarse.downscale.cm(
+            model=cm, scale=scale, members=args.members, seed=0, progress=False, **kwargs, **extra
+        )
+        fields[name] = _mm(out).load()
+        seconds[name] = (time.perf_counter() - t0) / (coarse.sizes["time"] * args.members)
+    sub = _blocks(coarse.sizes["time"], args.sde_days)
+    t0 = time.perf_counter()
+    sde_scale = xdownscale.Scale(scale.wavenumber, scale.wavelength_km, scale.sigma)
+    name = f"SDE bridge {args.sde_steps} steps"
+    out = coarse.isel(time=sub).downscale.sde(
+        model=sde, scale=sde_scale, steps=args.sde_steps, members=2, seed=0, progress=False, **kwargs
+    )
+    fields[name] = _mm(out).load()
+    seconds[name] = (time.perf_counter() - t0) / (len(sub) * 2)
+    rows = []
+    for name, field in fields.items():
+        row = {"method": name, **_paired_scores(field, truth.sel(time=field["time"]), cm)}
+        row["seconds_per_field"] = seconds[name]
+        row["days"] = int(field.sizes["time"])
+        rows.append(row)
+    figs = _paired_figures(label, fields, truth, cm, scale)
+    return rows, scale, fields, figs
+
+
+def _paired_figures(label: str, fields: dict, truth: xr.DataArray, cm: Any, scale: Any) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    slug = "paired-" + "".join(c for c in label.lower().replace(" ", "-") if c.isalnum() or c in "-.")
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    ax = axes[0]
+    ax.loglog(*_xy(_psd(truth, cm)), "k-", lw=2, label="E-OBS (truth)")
+    for i, (name, field) in enumerate(fields.items()):
+        ax.loglog(*_xy(_psd(field, cm)), color=f"C{i}", ls="-" if "CM" in name else "--", label=name)
+    ax.axvline(scale.wavenumber, color="0.5", ls=":", label=f"scale k*={scale.wavenumber:.3f}")
+    ax.set_xlabel("wavenumber (cycles per 0.25 deg cell)")
+    ax.set_ylabel("PSD (transformed space)")
+    ax.set_title(f"Mean power spectra, {label}")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    mask = cm.grid["mask"]
+    for i, (name, field) in enumerate(fields.items()):
+        if "member" not in field.dims or field.sizes["member"] < 2:
+            continue
+        h = metrics.rank_histogram(field.where(mask), truth.sel(time=field["time"]).where(mask))
+        ax.plot(h["rank"], h, "o-", color=f"C{i}", label=name)
+        ax.axhline(1 / h.sizes["rank"], color=f"C{i}", lw=0.5, ls=":")
+    ax.set_xlabel("rank of the truth among the members")
+    ax.set_ylabel("relative frequency")
+    ax.set_title("Rank histograms (flat = calibrated)")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, f"{slug}-spectra-ranks.png"))
+
+    cm1 = fields["CM 1 step"]
+    day_index = int(np.argmax(truth.sel(time=cm1["time"]).mean(("lat", "lon")).values))
+    day = cm1["time"].values[day_index]
+    first = next(iter(fields))
+    panels = [
+        (truth.sel(time=day).where(mask), "E-OBS (truth)"),
+        (fields[first].sel(time=day).where(mask), first),
+        (cm1.sel(time=day).isel(member=0), "CM member 1"),
+        (cm1.sel(time=day).isel(member=1), "CM member 2"),
+        (cm1.sel(time=day).mean("member"), f"CM mean of {cm1.sizes['member']}"),
+    ]
+    vmax = float(np.nanpercentile(truth.sel(time=day).values, 99))
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 3.3), constrained_layout=True)
+    for ax, (field, title) in zip(axes, panels, strict=True):
+        field.plot(ax=ax, cmap="Blues", vmin=0, vmax=vmax, cbar_kwargs={"label": "mm/day"})
+        ax.set_title(f"{title}, {str(day)[:10]}", fontsize=9)
+    written.append(_save(fig, f"{slug}-day.png"))
+    return written
+
+
+def _paired_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | CRPS, mm/day | MAE of mean | RMSE of mean | spread/skill | mean ratio | wet-day freq "
+        "(truth) | p99, mm/day (truth) | log-spectral dist | s / field | days |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ss = "-" if np.isnan(r["spread_skill"]) else f"{r['spread_skill']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['crps']:.3f} | {r['mae_mean']:.3f} | {r['rmse_mean']:.3f} | {ss} | "
+            f"{r['mean_ratio']:.3f} | {r['wet_freq']:.3f} ({r['wet_freq_truth']:.3f}) | {r['p99']:.1f} "
+            f"({r['p99_truth']:.1f}) | {r['log_spectral_distance']:.3f} | {r['seconds_per_field']:.4f} | "
+            f"{r['days']} |"
+        )
+    return "\n".join(lines)
 
 
 def losses(rows: list[dict]) -> list[str]:
@@ -335,6 +512,7 @@ def main() -> None:
     parser.add_argument("--sde-days", type=int, default=30)
     parser.add_argument("--sde-steps", type=int, default=500)
     parser.add_argument("--sweep-days", type=int, default=90)
+    parser.add_argument("--paired-days", type=int, default=90)
     parser.add_argument(
         "--write-card-metrics",
         action="store_true",
@@ -342,7 +520,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.members, args.sde_days, args.sde_steps, args.sweep_days = 2, 10, 20, 10
+        args.members, args.sde_days, args.sde_steps, args.sweep_days, args.paired_days = 2, 10, 20, 10, 10
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
     cm = xdownscale.load_model(CM_NAME)
@@ -350,6 +528,27 @@ def main() -> None:
     truth = _mm(xr.open_dataset(DATA / "eobs_0.25deg_tp_djf1991-2000.nc")["tp"].sel(time=TEST)).load()
     sections = []
     card_metrics: dict[str, Any] = {}
+    paired_sections = []
+    for factor in (4, 6):
+        started = time.perf_counter()
+        label = f"E-OBS coarse-grained {factor}x ({0.25 * factor:g} deg)"
+        days, coarse = _paired_inputs(truth, factor, args.paired_days)
+        rows, scale, _, figs = paired(label, days, coarse, cm, sde, args)
+        print(f"{label}: {(time.perf_counter() - started) / 60:.1f} min")
+        print(_paired_table(rows))
+        paired_sections.append((label, scale, rows, figs))
+        card_metrics[f"paired: {label}"] = {r["method"]: _rounded(r) for r in rows}
+    ncep = xr.open_dataset(DATA / INPUTS["NCEP R1"][0])[INPUTS["NCEP R1"][1]].load()
+    started = time.perf_counter()
+    days = truth.isel(time=_blocks(truth.sizes["time"], args.paired_days))
+    label = "NCEP R1 with QDM, same days as E-OBS"
+    rows, scale, _, figs = paired(
+        label, days, ncep.sel(time=days["time"]), cm, sde, args, qdm=True, hist=ncep.sel(time=HIST)
+    )
+    print(f"{label}: {(time.perf_counter() - started) / 60:.1f} min")
+    print(_paired_table(rows))
+    paired_sections.append((label, scale, rows, figs))
+    card_metrics[f"paired: {label}"] = {r["method"]: _rounded(r) for r in rows}
     for label, (filename, var) in INPUTS.items():
         coarse = xr.open_dataset(DATA / filename)[var].load()
         started = time.perf_counter()
@@ -363,13 +562,8 @@ def main() -> None:
         print(f"{label}: {minutes:.1f} min")
         print(_table(rows))
         sections.append((label, scale, notes, rows, figs, lost, sweep))
-        card_metrics[label] = {
-            r["method"]: {
-                k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k != "method"
-            }
-            for r in rows
-        }
-    write_report(sections, args)
+        card_metrics[label] = {r["method"]: _rounded(r) for r in rows}
+    write_report(paired_sections, sections, args)
     if args.write_card_metrics:
         for model in (cm, sde):
             path = Path(model.path).with_suffix(".json")
@@ -383,7 +577,78 @@ def main() -> None:
             path.write_text(json.dumps(card, indent=1))
 
 
-def write_report(sections: list, args: argparse.Namespace) -> None:
+def _rounded(row: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "method"}
+
+
+def _paired_verdict(rows: list[dict]) -> list[str]:
+    """Plain statements: does the CM beat the bilinear bar, and what does preserve do."""
+    by = {r["method"]: r for r in rows}
+    bar = rows[0]
+    cm = by["CM 1 step"]
+    raw = by["CM 1 step, preserve=False"]
+    verdict = "beats" if cm["crps"] < bar["crps"] else "does NOT beat"
+    lines = [
+        f"* CM 1 step {verdict} the {bar['method']} field: CRPS {cm['crps']:.3f} vs {bar['crps']:.3f} mm/day "
+        f"({100 * abs(1 - cm['crps'] / bar['crps']):.1f}% {'lower' if verdict == 'beats' else 'higher'}); "
+        f"without preserve {raw['crps']:.3f}.",
+        f"* Mean ratio {cm['mean_ratio']:.3f} (without preserve {raw['mean_ratio']:.3f}); spread/skill "
+        f"{cm['spread_skill']:.2f}; log-spectral distance {cm['log_spectral_distance']:.3f} vs "
+        f"{bar['log_spectral_distance']:.3f} for the {bar['method']} field.",
+    ]
+    sde = [r for r in rows if r["method"].startswith("SDE")]
+    if sde:
+        lines.append(
+            f"* {sde[0]['method']}: CRPS {sde[0]['crps']:.3f} on {sde[0]['days']} days at "
+            f"{sde[0]['seconds_per_field']:.2f} s per field vs {cm['seconds_per_field']:.4f} s for the CM."
+        )
+    return [*lines, ""]
+
+
+def _training_section() -> list[str]:
+    """The shipped CM's training record: the perfect-model validation curve stored in its card."""
+    card = json.loads((ROOT / "weights" / f"{CM_NAME}.json").read_text())
+    record = card.get("training", {}).get("validation")
+    if not record or not record.get("curve"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = np.asarray(record["curve"], dtype=float)  # step, crps, spread/skill, mean ratio
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), constrained_layout=True)
+    axes[0].plot(curve[:, 0], curve[:, 1], "o-", label="CM (EMA weights)")
+    axes[0].axhline(record["bilinear_mae"], color="C1", ls="--", label="bilinear (MAE)")
+    axes[0].set_ylabel("CRPS, mm/day")
+    axes[1].plot(curve[:, 0], curve[:, 2], "o-")
+    axes[1].axhline(1.0, color="0.5", ls=":")
+    axes[1].set_ylabel("spread / skill")
+    axes[2].plot(curve[:, 0], curve[:, 3], "o-")
+    axes[2].axhline(1.0, color="0.5", ls=":")
+    axes[2].set_ylabel("mean ratio")
+    for ax in axes:
+        ax.axvline(record["step"], color="0.5", ls="--", lw=0.8)
+        ax.set_xlabel("training step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Perfect-model validation during training (validation winter 1996/97; shipped: dashed)")
+    path = _save(fig, "training-validation.png")
+    return [
+        "### Training record of the shipped CM",
+        "",
+        f"Validation while training: {record['metric']}. The shipped weights are those of step "
+        f"{record['step']} (best CRPS {record['crps']:.3f} mm/day vs bilinear MAE "
+        f"{record['bilinear_mae']:.3f}; spread/skill {record['spread_skill']:.2f}; mean ratio "
+        f"{record['mean_ratio']:.3f}). Training: {card['training'].get('steps')} steps, loss "
+        f"`{card['training'].get('loss')}`, {card['training'].get('wall_time_s', 0) / 60:.0f} min on "
+        f"{card['training'].get('device')}.",
+        "",
+        f"![{path}]({path})",
+        "",
+    ]
+
+
+def write_report(paired_sections: list, sections: list, args: argparse.Namespace) -> None:
     import platform
 
     parts = [
@@ -391,43 +656,70 @@ def write_report(sections: list, args: argparse.Namespace) -> None:
         "",
         "*Generated by `python benchmarks/evaluate_iberia.py`; do not edit by hand.*",
         "",
-        "**Truth:** E-OBS v12 daily precipitation at 0.25 deg, test winters DJF 1997/98-1999/2000 "
-        "(never used "
-        "for training or tuning). **Inputs:** the CNRM-CM5 historical run (CMIP5, 1.4 deg; a "
-        "free-running ESM "
-        "that shares dates but not weather with the observations) and the NCEP/NCAR reanalysis 1 (1.9 deg). "
-        "Everything is compared as climatologies, distributions and spectra, never day by day. QDM is fitted "
-        "per cell on each input over the training winters 1990/91-1996/97 against the per-cell quantiles the "
-        f"model stores from its training data. Models: `{CM_NAME}` and `{SDE_NAME}` (see the model pages).",
+        "**Truth:** E-OBS v12 daily precipitation at 0.25 deg, test winters DJF 1997/98-1999/2000 (never "
+        "used for training or tuning). **Models:** "
+        f"`{CM_NAME}` and `{SDE_NAME}` (see the model pages). Two kinds of test answer two questions:",
         "",
-        "Metrics (Hess et al. 2024, Table 1): *pooled corr* - the downscaled field averaged back "
-        "onto the input's "
-        "native grid (conservatively) and correlated with the input per day, then averaged: do the "
-        "input's large "
-        "scales survive? *low-pass corr* - the downscaled field low-passed at the scale k* and "
-        "correlated with "
-        "the input after regridding and QDM (the network's input). *mean abs err* - |long-term mean of the "
-        "method - long-term mean of E-OBS| per cell, averaged over land cells; the reduction is "
-        "relative to the "
-        "bilinear input without QDM. *p95 abs err* - the same for each cell's 95th percentile of "
-        "daily values. "
-        "*Wasserstein* - distance between the distributions of all daily values (mm/day). Ensemble "
-        "scores are "
-        "averaged over members. CRPS is not reported: with unpaired data there is no observation for a given "
-        "day to score an ensemble against; the ensemble spread is given instead.",
+        "* **Paired tests: is the model good?** E-OBS test days averaged to a coarse grid (or the NCEP "
+        "reanalysis of the same days) are downscaled back and scored day by day against the E-OBS field "
+        "they came from. The bar is the bilinear field: a downscaling model must beat it.",
+        "* **Unpaired tests: does the whole chain help an ESM?** The CNRM-CM5 historical run shares dates "
+        "but not weather with the observations, so it is compared as climatologies, distributions and "
+        "spectra, never day by day.",
         "",
-        f"Run: {args.members} CM members per day; SDE bridge on {args.sde_days} test days (blocks of 10 "
-        "consecutive days spread over the test winters) with "
-        f"{args.sde_steps} steps; scale sweep on {args.sweep_days} days. Machine: "
-        f"{platform.processor() or 'CPU'} "
-        f"({platform.machine()}), seconds per field measured on it for the whole pipeline.",
+        f"Run: {args.members} CM members per day, {args.paired_days} days per paired test; SDE bridge "
+        f"(2 members in paired tests, 1 in unpaired ones) on {args.sde_days} test days with "
+        f"{args.sde_steps} steps; scale sweep on {args.sweep_days} days; all days in blocks of 10 "
+        "consecutive days spread over the test winters. Machine: "
+        f"{platform.processor() or 'CPU'} ({platform.machine()}), seconds per field measured on it for the "
+        "whole pipeline.",
+        "",
+        "## Paired tests: is the model good?",
+        "",
+        "Metrics, over land cells and all scored days, in mm/day: *CRPS* of the ensemble against the true "
+        "field (for a single field it is the mean absolute error, so the bilinear row is the bar); *MAE* and "
+        "*RMSE of the ensemble mean*; *spread/skill* - the ensemble's spread (with the finite-ensemble "
+        "factor) over the RMSE of its mean (1 = calibrated, < 1 = over-confident); *mean ratio* - mean of "
+        "the output over the truth's; *wet-day frequency* - share of values >= 1 mm/day; *p99* - 99th "
+        "percentile of all daily values; *log-spectral distance* - RMS difference of the log mean spectra "
+        "(transformed space) from the truth's. `preserve=False` is the network's output without restoring "
+        "the input's means over its own cells (the default, `preserve=True`, restores them).",
+        "",
+    ]
+    for label, scale, rows, figs in paired_sections:
+        parts += [
+            f"### {label}",
+            "",
+            f'Scale chosen by `scale="auto"`: {scale}.',
+            "",
+            _paired_table(rows),
+            "",
+        ]
+        parts += _paired_verdict(rows)
+        for f in figs:
+            parts += [f"![{f}]({f})", ""]
+    parts += _training_section()
+    parts += [
+        "## Unpaired tests: does the chain help an ESM?",
+        "",
+        "QDM is fitted per cell on each input over the training winters 1990/91-1996/97 against the per-cell "
+        "quantiles the model stores from its training data. Metrics (Hess et al. 2024, Table 1): *pooled "
+        "corr* - the downscaled field averaged back onto the input's native grid (conservatively) and "
+        "correlated with the input per day, then averaged: do the input's large scales survive? *low-pass "
+        "corr* - the downscaled field low-passed at the scale k* and correlated with the input after "
+        "regridding and QDM (the network's input). *mean abs err* - |long-term mean of the method - "
+        "long-term mean of E-OBS| per cell, averaged over land cells; the reduction is relative to the "
+        "bilinear input without QDM. *p95 abs err* - the same for each cell's 95th percentile of daily "
+        "values. *Wasserstein* - distance between the distributions of all daily values (mm/day). Ensemble "
+        "scores are averaged over members; with unpaired data there is no observation of a given day to "
+        "score an ensemble against, so the ensemble spread is given instead of a CRPS.",
         "",
     ]
     for label, scale, notes, rows, figs, lost, sweep in sections:
-        parts += [f"## {label} as the coarse input", "", f'Scale chosen by `scale="auto"`: {scale}.', ""]
+        parts += [f"### {label} as the coarse input", "", f'Scale chosen by `scale="auto"`: {scale}.', ""]
         parts += [f"> {n}" for n in notes] + ([""] if notes else [])
         parts += [_table(rows), ""]
-        parts += ["### Where the CM loses", ""]
+        parts += ["Where the CM (1 step, default settings) loses:", ""]
         parts += [f"* {x}" for x in lost] if lost else ["* Nowhere in this table."]
         parts += [""]
         for f in figs:
