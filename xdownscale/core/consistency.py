@@ -229,14 +229,26 @@ def ict_loss(
     idx = idx.cpu()
     s_lo, s_hi = sigmas[idx], sigmas[idx + 1]
     z = _randn_like(x0, generator)
+    return _pair_loss(model, x0, z, s_hi, s_lo, cond, mask)
+
+
+def _pair_loss(
+    model: ConsistencyModel,
+    x0: Tensor,
+    z: Tensor,
+    hi: Tensor,
+    lo: Tensor,
+    cond: Tensor | None,
+    mask: Tensor | None,
+) -> Tensor:
+    """``mean(d(f(x0 + hi z, hi), stopgrad f(x0 + lo z, lo)) / (hi - lo))`` with the pseudo-Huber ``d``:
+    the student/teacher pair of iCT and ECT (noise levels ``hi > lo`` per sample, on the CPU)."""
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    s_lo_t, s_hi_t = s_lo.to(x0.device, dtype), s_hi.to(x0.device, dtype)
-    x_hi = x0 + s_hi_t[:, None, None, None] * z
-    x_lo = x0 + s_lo_t[:, None, None, None] * z
-    student = model(x_hi, s_hi_t, cond)
+    hi_d, lo_d = hi.to(x0.device, dtype), lo.to(x0.device, dtype)
+    student = model(x0 + hi_d[:, None, None, None] * z, hi_d, cond)
     with torch.no_grad():
-        teacher = model(x_lo, s_lo_t, cond)
-    weight = (1.0 / (s_hi - s_lo)).to(x0.device, torch.float32)
+        teacher = model(x0 + lo_d[:, None, None, None] * z, lo_d, cond)
+    weight = (1.0 / (hi - lo)).to(x0.device, torch.float32)
     return (weight * pseudo_huber(student, teacher, mask).float()).mean()
 
 
@@ -280,17 +292,11 @@ def ect_loss(
         Scalar (float32).
     """
     x0 = _prepare(x0, mask)
-    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     u = torch.randn((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float64)
     t = torch.exp(p_mean + p_std * u).clamp(model.sigma_min * 1.5, model.sigma_max).cpu()
     r = (t * (1.0 - ect_gap_ratio(t, step, total_steps, stages=stages, q=q))).clamp(min=model.sigma_min)
     z = _randn_like(x0, generator)
-    t_d, r_d = t.to(x0.device, dtype), r.to(x0.device, dtype)
-    student = model(x0 + t_d[:, None, None, None] * z, t_d, cond)
-    with torch.no_grad():
-        teacher = model(x0 + r_d[:, None, None, None] * z, r_d, cond)
-    weight = (1.0 / (t - r)).to(x0.device, torch.float32)
-    return (weight * pseudo_huber(student, teacher, mask).float()).mean()
+    return _pair_loss(model, x0, z, t, r, cond, mask)
 
 
 def ct_loss(
