@@ -112,3 +112,18 @@ def test_partial_coverage_is_an_error_unless_allowed(cm_model, coarse_file, tmp_
     allowed = CliRunner().invoke(main, [*_args(part, cm_model.path, tmp_path / "b.nc"), "--allow-partial"])
     assert allowed.exit_code == 0, allowed.output
     assert "note" in allowed.output and "of the model's cells lie outside the input" in allowed.output
+
+
+@pytest.mark.timeout(30)  # the bug this pins looped forever, recording its own re-emitted warnings
+def test_job_notes_collect_our_warnings_and_pass_others_through_once():
+    from xdownscale.cli import _notes
+    from xdownscale.errors import XDownscaleWarning
+
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with _notes() as notes:
+            warnings.warn("from another library", UserWarning, stacklevel=1)
+            warnings.warn("ours", XDownscaleWarning, stacklevel=1)
+            warnings.warn("ours", XDownscaleWarning, stacklevel=1)
+    assert notes == ["ours"]
+    assert [str(w.message) for w in outer] == ["from another library"]

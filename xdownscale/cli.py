@@ -379,16 +379,18 @@ def _notes() -> Iterator[list[str]]:
     from .errors import XDownscaleWarning
 
     notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", XDownscaleWarning)
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", XDownscaleWarning)
             yield notes
-        finally:
-            for w in caught:
-                if not issubclass(w.category, XDownscaleWarning):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                elif str(w.message) not in notes:
-                    notes.append(str(w.message))
+    finally:
+        # re-emit the others only after the recording context is closed: inside it, each re-emitted
+        # warning would be recorded again and the loop would never end
+        for w in caught:
+            if not issubclass(w.category, XDownscaleWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in notes:
+                notes.append(str(w.message))
 
 
 def _job_summary(path: Any, variable: str, qdm_hist: str | None) -> str:

@@ -181,6 +181,9 @@ def run_demo(
         fine = fine.compute()
     seconds = time.perf_counter() - started
     notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, XDownscaleWarning)))
+    for w in caught:  # warnings of other libraries reach the user unchanged
+        if not issubclass(w.category, XDownscaleWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     netcdf, png = demo_paths(out)
     netcdf.parent.mkdir(parents=True, exist_ok=True)
     fine.to_dataset(name=str(fine.name or "downscaled")).to_netcdf(netcdf)
