@@ -531,5 +531,5 @@ def fill_nan_nearest(da: xr.DataArray, grid: Grid) -> xr.DataArray:
     data = da.data
     if len(data.chunks[-2]) > 1 or len(data.chunks[-1]) > 1:
         data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
-    filled = dsa.map_blocks(_fill_fields, data, sampling, dtype=data.dtype, name="xdownscale-fill-nan")
+    filled = dsa.map_blocks(_fill_fields, data, sampling, dtype=data.dtype, token="xdownscale-fill-nan")
     return da.copy(data=filled)

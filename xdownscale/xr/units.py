@@ -493,7 +493,7 @@ def clip_negative(da: xr.DataArray) -> xr.DataArray:
         import dask.array as dsa
 
         data = dsa.map_blocks(
-            _clip_block, da.data, label, units, dtype=da.dtype, name="xdownscale-clip-negative"
+            _clip_block, da.data, label, units, dtype=da.dtype, token="xdownscale-clip-negative"
         )
         return da.copy(data=data)
     values = np.asarray(da.values)
