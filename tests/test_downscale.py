@@ -136,6 +136,18 @@ def test_larger_scale_means_more_noise(cm_model, coarse):
     assert large.sigma > small.sigma
 
 
+def test_scales_outside_the_grid_say_which_bound(cm_model):
+    spacing = cm_model.target_psd.attrs["spacing_km"]
+    with pytest.raises(InputError, match=r"^A scale of 10 km is below two grid cells") as below:
+        xdownscale.api.resolve_scale("10 km", cm_model)
+    assert below.value.__cause__ is None and below.value.__suppress_context__
+    with pytest.raises(InputError, match=r"1e\+09 km is larger than the domain .* at most \d+ km"):
+        xdownscale.api.resolve_scale("1e9 km", cm_model)
+    k_min = float(cm_model.target_psd["wavenumber"][0])
+    largest = xdownscale.api.resolve_scale(f"{spacing / k_min * 0.999} km", cm_model)
+    assert largest.wavenumber == pytest.approx(k_min, rel=1e-2) and largest.sigma > 0
+
+
 def test_prepare_is_the_network_input(cm_model, coarse):
     prepared = coarse.downscale.prepare(model=cm_model.path)
     assert prepared.dims == ("time", "lat", "lon")

@@ -134,12 +134,30 @@ def test_an_esm_member_dim_is_renamed_realization(cm_model):
     assert str(out["realization"].values) == "r2i1p1"
 
 
+def test_an_esm_ensemble_downscales_in_one_call_with_independent_noise(cm_model):
+    plain = _cmip_iberia()
+    ens = xr.concat([plain, plain * 1.5, plain], dim="realization")
+    ens["realization"] = ["r1i1p1", "r2i1p1", "r3i1p1"]
+    out = ens.chunk({"time": 2}).downscale.cm(model=cm_model.path, members=2, **{**RUN, "seed": 7})
+    assert out.chunks is not None
+    assert out.dims == ("realization", "time", "member", "lat", "lon")
+    assert out["realization"].values.tolist() == ["r1i1p1", "r2i1p1", "r3i1p1"]
+    seeds = out["downscale_seed"].values.tolist()
+    assert seeds == [xdownscale.api.realization_seed(7, i) for i in range(3)] and len(set(seeds)) == 3
+    assert out.attrs["downscale_seed"] == 7 and "history" in out.attrs
+    # each realization is what downscaling it alone with its seed gives
+    alone = plain.downscale.cm(model=cm_model.path, members=2, **{**RUN, "seed": seeds[2]})
+    np.testing.assert_allclose(out.isel(realization=2).values, alone.values, rtol=1e-6, atol=1e-12)
+    # same input, different noise: realizations 0 and 2 differ; the wetter one is wetter
+    mask = cm_model.grid["mask"].values
+    assert not np.allclose(out.values[0][..., mask], out.values[2][..., mask])
+    means = out.where(xr.DataArray(mask, dims=("lat", "lon"))).mean(("time", "member", "lat", "lon"))
+    assert float(means[1]) > 1.3 * float(means[0])
+    as_member = ens.rename(realization="member").downscale.cm(model=cm_model.path, **RUN)
+    assert as_member.dims == ("realization", "time", "lat", "lon")
+
+
 def test_extra_dims_that_cannot_be_squeezed_are_clear_errors(cm_model):
-    ens = xr.concat([_cmip_iberia()] * 3, dim="realization")
-    with pytest.raises(
-        InputError, match=r"'pr' has the extra dimension\(s\) 'realization' \(length 3\).*isel"
-    ):
-        ens.downscale.cm(model=cm_model.path, **RUN)
     levels = _cmip_iberia().expand_dims(height=[2.0, 10.0])
     with pytest.raises(InputError, match=r"'height' \(length 2\)"):
         levels.downscale.cm(model=cm_model.path, **RUN)

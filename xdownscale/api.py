@@ -304,10 +304,14 @@ def resolve_scale(
         return scale if scale.sigma is not None else scale.with_psd(model.target_psd)
     try:
         return Scale.parse(scale, psd=model.target_psd)
-    except InputError:
+    except InputError as err:
         # a noise level beyond the target spectrum's range is still a valid noise level for the
-        # network (sigma_min..sigma_max is checked by the caller); it just has no wavenumber
-        bare = Scale.parse(scale)
+        # network (sigma_min..sigma_max is checked by the caller); it just has no wavenumber.
+        # Anything else keeps the first, specific message.
+        try:
+            bare = Scale.parse(scale)
+        except InputError:
+            raise err from None
         if bare.sigma is not None and bare.wavenumber is None:
             return bare
         raise
@@ -461,6 +465,33 @@ def downscale(
         raise InputError(f"members={members!r}: expected a whole number >= 1.")
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"precision={precision!r}: expected 'auto', 'fp32' or 'bf16'.")
+    ensemble = _input_ensemble(da)
+    if ensemble is not None:
+        # an ESM ensemble: each realization is downscaled on its own (its own QDM fit and 'auto'
+        # scale) with its own noise, seeded from (seed, index); the seeds become a coordinate
+        return _per_realization(
+            da,
+            ensemble,
+            model=model,
+            method=method,
+            scale=scale,
+            members=members,
+            seed=seed,
+            steps=steps,
+            qdm=qdm,
+            hist=hist,
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            member_dim=member_dim,
+            progress=progress,
+            scale_sample=scale_sample,
+            qdm_kwargs=qdm_kwargs,
+            preserve=preserve,
+        )
     model = _load(model)
     if model.kind != method:
         raise InputError(
@@ -541,6 +572,44 @@ def downscale(
             preserve=rule,
         )
     )
+    return out
+
+
+def realization_seed(seed: int, index: int) -> int:
+    """The noise seed :func:`downscale` gives realization ``index`` of an input ensemble (the
+    ``realization`` dimension) for ``seed``: independent streams per realization, reproducible alone
+    with ``da.isel(realization=index).downscale.cm(seed=realization_seed(seed, index), ...)``."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0] >> 1)
+
+
+def _input_ensemble(da: Any) -> str | None:
+    """The name of the input's own ensemble dimension when it has more than one realization."""
+    from .xr.domain import ENSEMBLE_DIM, MEMBER_DIM
+
+    if not isinstance(da, xr.DataArray):
+        return None
+    if ENSEMBLE_DIM in da.dims and MEMBER_DIM in da.dims:
+        return None  # the domain check names the clash
+    for dim in (ENSEMBLE_DIM, MEMBER_DIM):
+        if dim in da.dims and da.sizes[dim] > 1:
+            return dim
+    return None
+
+
+def _per_realization(da: xr.DataArray, dim: str, *, seed: int, **kwargs: Any) -> xr.DataArray:
+    """:func:`downscale` of each realization along ``dim``, concatenated along ``realization`` (lazy
+    where the input is), with the seed each used as the coordinate ``downscale_seed``."""
+    from .xr.domain import ENSEMBLE_DIM
+
+    seeds = [realization_seed(seed, i) for i in range(da.sizes[dim])]
+    parts = [downscale(da.isel({dim: [i]}), seed=s, **kwargs) for i, s in enumerate(seeds)]
+    out = xr.concat(parts, dim=ENSEMBLE_DIM, combine_attrs="drop_conflicts")
+    out = out.assign_coords(downscale_seed=(ENSEMBLE_DIM, np.asarray(seeds, dtype=np.int64)))
+    out["downscale_seed"].attrs["long_name"] = "noise seed of each realization (realization_seed(seed, i))"
+    for key in ("history", "downscale_config"):  # differ only in the seed and the time stamp
+        if key in parts[0].attrs and key not in out.attrs:
+            out.attrs[key] = parts[0].attrs[key]
+    out.attrs["downscale_seed"] = int(seed)
     return out
 
 
@@ -635,11 +704,10 @@ def _denoise(
             sigma if isinstance(sigma, dsa.Array) else dsa.from_array(np.asarray(sigma, dtype=np.float64))
         )
 
-        def block(xb: np.ndarray, kb: np.ndarray, sb: np.ndarray) -> np.ndarray:
-            return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
-
+        # token=, not name=: the key is a prefix plus a hash of the data, the seed and every
+        # setting, so two downscalings of the same data in one graph do not share blocks
         data = dsa.map_blocks(
-            block,
+            _denoise_dask_block,
             x,
             key_arr[:, None, None],
             sigma_arr,
@@ -647,12 +715,19 @@ def _denoise(
             chunks=(x.chunks[0], (members,), x.chunks[1], x.chunks[2]),
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), dtype=np.float32),
-            name=f"xdownscale-{method}",
+            token=f"xdownscale-{method}",
+            **kwargs,
         )
     dims = (time, "member", fgrid.ydim, fgrid.xdim)
     coords = {k: v for k, v in transformed.coords.items() if set(v.dims) <= set(dims)}
     coords["member"] = ("member", np.arange(members))
     return xr.DataArray(data, dims=dims, coords=coords)
+
+
+def _denoise_dask_block(xb: np.ndarray, kb: np.ndarray, sb: np.ndarray, **kwargs: Any) -> np.ndarray:
+    from .models.inference import denoise_block
+
+    return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
 
 
 def _output_attrs(

@@ -236,8 +236,9 @@ def _single_time_chunk(da: xr.DataArray, time: str, name: str) -> xr.DataArray:
         spatial = " and its spatial chunks made smaller"
     warnings.warn(
         f"'{name}' is split into {len(chunks)} dask chunks along '{time}'; QDM needs the whole time series "
-        f"of each cell in one chunk, so it is rechunked to {{'{time}': -1}}{spatial}. Open the data with "
-        f"chunks={{'{time}': -1}} and split it over space instead to avoid the rechunk.",
+        f"of each cell in one chunk, so it is rechunked to {{'{time}': -1}}{spatial} for this step only. "
+        "That is expected for data chunked along time, the chunking downscaling asks for (the steps "
+        f"after QDM keep the time chunks); data with one chunk along '{time}' skip the rechunk.",
         PerformanceWarning,
         stacklevel=_external_stacklevel(),
     )

@@ -223,6 +223,24 @@ def _reference(psd: Any, what: str = "psd") -> tuple[np.ndarray, np.ndarray, int
     return k, values, int(psd.attrs["n_cells"]), spacing_f
 
 
+def _check_within_domain(k: float, kk: np.ndarray, spacing: float | None) -> None:
+    """Refuse a wavenumber below the reference spectrum's lowest bin: a wavelength longer than the
+    domain, where every larger scale would get the same (largest) noise level."""
+    positive = kk[kk > 0]
+    if positive.size == 0 or k >= positive[0] * (1 - 1e-9):
+        return
+    k_min = float(positive[0])
+    if spacing is None:
+        what, largest = f"wavenumber {k:g} cycles per cell", f"wavenumber {k_min:.4g}"
+    else:
+        what, largest = f"A scale of {spacing / k:.4g} km", f"{spacing / k_min:.4g} km"
+    raise InputError(
+        f"{what[0].upper()}{what[1:]} is larger than the domain of the reference spectrum: its longest "
+        f"wavelength is {largest} ({1 / k_min:.0f} grid cells). Pass a scale of at most {largest}, or "
+        "sigma=... to give the noise level directly."
+    )
+
+
 def _check_wavenumber(k: Any) -> float:
     try:
         kf = float(k)
@@ -317,7 +335,8 @@ class Scale:
         Raises
         ------
         InputError
-            ``k`` is outside (0, 0.5].
+            ``k`` is outside (0, 0.5], or below the lowest wavenumber of ``psd`` (a scale larger
+            than the domain the spectrum was computed on).
         """
         kf = _check_wavenumber(k)
         spacing = _check_spacing(spacing_km)
@@ -325,6 +344,7 @@ class Scale:
         if psd is not None:
             kk, curve, n_cells, ref_spacing = _reference(psd)
             spacing = spacing if spacing is not None else ref_spacing
+            _check_within_domain(kf, kk, spacing)
             sigma = _core.sigma_at_wavenumber(kf, kk, curve, n_cells)
             if not np.isfinite(sigma) or sigma <= 0:
                 raise InputError(
@@ -364,6 +384,7 @@ class Scale:
         sigma = None
         if psd is not None:
             kk, curve, n_cells, _ = _reference(psd)
+            _check_within_domain(kf, kk, spacing)
             sigma = _core.sigma_at_wavenumber(kf, kk, curve, n_cells)
         return cls(kf, kmf, sigma)
 
