@@ -385,3 +385,19 @@ def test_preserve_lazy_equals_eager(cm_model, coarse):
 def test_error_bad_preserve(cm_model, coarse):
     with pytest.raises(InputError, match=r"preserve='median'.*True, False, 'mean' or 'lowpass'"):
         coarse.downscale.cm(model=cm_model.path, scale="200 km", preserve="median", progress=False)
+
+
+def test_a_loaded_model_moved_to_an_accelerator_runs_there(cm_model, coarse):
+    import torch
+
+    loaded = xdownscale.load_model(cm_model.path)
+    assert xdownscale.models.resolve_model(loaded) is loaded
+    # where the user put it; there is no CUDA here, so the refusal shows that the placement is used
+    loaded.device = torch.device("cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device='cuda' was requested but torch sees no CUDA device"):
+            coarse.downscale.cm(model=loaded, scale="200 km", progress=False)
+    out = coarse.isel(time=[0]).downscale.cm(model=loaded, scale="200 km", progress=False, device="cpu")
+    assert out.sizes["time"] == 1
+    with pytest.raises(InputError, match=r"model=3 is not a model name, a path to a model"):
+        xdownscale.models.resolve_model(3)

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import accessors as _accessors  # noqa: F401  (registers the accessors)
 from . import errors
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _LAZY = {

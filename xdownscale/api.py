@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,17 +51,10 @@ MAX_FIELD_BYTES = 2**31  # one horizontal field larger than this cannot be made 
 # --------------------------------------------------------------------------------------------------
 # model and input checks
 # --------------------------------------------------------------------------------------------------
-def _load(model: Any, device: str | None = None) -> Any:
-    from .models import Model, load_model
+def _load(model: Any) -> Any:
+    from .models import resolve_model
 
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, (str, Path)):
-        return load_model(model, device="cpu")
-    raise InputError(
-        f"model={model!r} is not a model name, a path to a model, or a loaded xdownscale model. "
-        "See xdownscale.list_models() for the shipped models."
-    )
+    return resolve_model(model)
 
 
 def _label(da: xr.DataArray) -> str:
@@ -426,7 +418,9 @@ def downscale(
     regrid, lowpass, units
         See :func:`prepare`.
     device
-        ``"cuda"``, ``"cpu"``, ... Default: CUDA when available, else the CPU.
+        ``"cuda"``, ``"cpu"``, ... Default: the accelerator of ``model`` when it is a loaded model moved
+        to one (``model.to("cuda")``), else CUDA when available, else the CPU. A model runs from its
+        file, loaded once per process and device: changes to a loaded network in memory are not used.
     batch_size
         Fields per network call (default 64 on CUDA, 8 on CPU); halved on CUDA out-of-memory.
     precision
@@ -492,6 +486,9 @@ def downscale(
             qdm_kwargs=qdm_kwargs,
             preserve=preserve,
         )
+    # a loaded model the user moved to an accelerator runs there unless device= says otherwise
+    placed = getattr(model, "device", None)
+    placed = None if placed is None or str(placed) == "cpu" else str(placed)
     model = _load(model)
     if model.kind != method:
         raise InputError(
@@ -503,7 +500,7 @@ def downscale(
         raise InputError(f"steps={steps}: expected >= 1.")
     from .models.inference import choose_device
 
-    dev = choose_device(device)
+    dev = choose_device(device if device is not None else placed)
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
     source_units = units if units is not None else getattr(da, "attrs", {}).get("units")
@@ -743,7 +740,7 @@ def _output_attrs(
     qdm: Any,
     preserve: str | None = None,
 ) -> dict[str, Any]:
-    from . import __version__
+    from ._version import __version__
     from .xr.units import cf_names
 
     # the input's own names, made consistent with its units: never the training data's long_name

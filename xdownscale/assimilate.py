@@ -437,7 +437,7 @@ def _attrs(
     seed: int,
     units: str,
 ) -> dict[str, Any]:
-    from . import __version__
+    from ._version import __version__
 
     attrs: dict[str, Any] = {"units": units}
     for key in ("standard_name", "long_name"):

@@ -161,7 +161,8 @@ def downscale_to_store(
     Path
         The output path.
     """
-    from .api import _load, downscale, prepare, qdm_defaults, resolve_scale
+    from .api import downscale, prepare, qdm_defaults, resolve_scale
+    from .models import resolve_model
     from .xr.cf import find_time
     from .xr.qdm import QDM
 
@@ -173,7 +174,7 @@ def downscale_to_store(
         warnings.filterwarnings(
             "ignore", message=".*QDM needs the whole time series", category=PerformanceWarning
         )
-        model = _load(model)
+        model = resolve_model(model)
         time = str(find_time(da))
         fitted = None
         if qdm_hist is not None:

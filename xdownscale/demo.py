@@ -145,10 +145,11 @@ def run_demo(
 
     matplotlib.use("Agg")
 
-    from .api import _load, prepare
+    from .api import prepare
+    from .models import resolve_model
     from .xr.cf import find_time
 
-    loaded = _load(model)
+    loaded = resolve_model(model)
     source = _load_input(input, variable)
     time_dim = str(find_time(source))
     total = source.sizes[time_dim]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .card import read_card, validate_card, write_card
 from .io import save_model, sha256_file
-from .model import Model, load_model
+from .loading import load_model, resolve_model
+from .model import Model
 from .registry import find_model, list_models, weights_dirs
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "list_models",
     "load_model",
     "read_card",
+    "resolve_model",
     "save_model",
     "sha256_file",
     "validate_card",

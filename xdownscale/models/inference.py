@@ -208,7 +208,7 @@ def network_runner(
     return runner, True
 
 
-def time_keys(times: Sequence[Any]) -> np.ndarray:
+def time_keys(times: Sequence[Any] | np.ndarray) -> np.ndarray:
     """Stable 63-bit keys for time stamps (numpy datetime64 or cftime), independent of calendar type
     and chunking: the key of a date is the hash of its ISO string."""
     out = np.empty(len(times), dtype=np.int64)

@@ -7,7 +7,6 @@ files are refused before they are opened), and the sha256 of the weights must ma
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ import torch
 import xarray as xr
 
 from ..errors import ModelCardError, WeightsIntegrityError
-from .card import ASSIMILATION_KINDS, KINDS, MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, read_card, validate_card
+from .card import KINDS, MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, read_card, validate_card
 from .io import read_safetensors, sha256_file
-from .registry import find_model
 
-__all__ = ["Model", "build_network", "grid_from_card", "load_model", "psd_from_card"]
+__all__ = ["Model", "build_network", "grid_from_card", "load_downscaling_model", "psd_from_card"]
 
 # fields of the card that define what the weights compute; the JSON card and the copy inside the
 # safetensors metadata must agree on them (metrics and descriptions may be edited in the JSON)
@@ -222,44 +220,12 @@ def _check_embedded(card: dict[str, Any], meta: dict[str, str], weights: Path) -
             )
 
 
-def load_model(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Model:
-    """Load a model by name (see :func:`~xdownscale.models.list_models`) or by path.
-
-    Parameters
-    ----------
-    name_or_path
-        A model name found in the weights directories, the path of ``NAME.json`` or
-        ``NAME.safetensors``, or a directory holding one model.
-    device
-        Where to put the network.
-
-    Returns
-    -------
-    Model
-
-    Raises
-    ------
-    ModelNotFoundError
-        No such model; the message lists the available names.
-    ModelCardError
-        The card is missing fields or does not match the weights.
-    WeightsIntegrityError
-        The weights file's sha256 differs from the card, or it is a pickle checkpoint (never opened).
-
-    Examples
-    --------
-    >>> import xdownscale
-    >>> [m["name"] for m in xdownscale.list_models()]  # doctest: +SKIP
-    >>> model = xdownscale.load_model("cm-pr-41x61")  # doctest: +SKIP
-    """
+def load_downscaling_model(card_path: Path, *, device: str | torch.device = "cpu") -> Model:
+    """The downscaling model (``cm`` or ``sde``) whose card is ``card_path``; see
+    :func:`xdownscale.models.load_model`."""
     from ..transforms import LogNormalize
 
-    card_path = find_model(name_or_path)
     card = read_card(card_path)
-    if card["kind"] in ASSIMILATION_KINDS:
-        from .assimilation import load_assimilation_model
-
-        return load_assimilation_model(card_path, device=device)  # type: ignore[return-value]
     weights = card_path.with_suffix(".safetensors")
     if not weights.is_file():
         raise ModelCardError(f"The model card {card_path} has no weights file {weights.name} beside it.")

@@ -81,7 +81,9 @@ class PerfectModelValidation:
         self.mask = np.asarray(mask, dtype=bool)
         self.truth = np.asarray(truth.values, dtype=np.float64)
         self.bilinear = np.asarray(fine.values, dtype=np.float64)
-        self.sigma = float(Scale.from_wavenumber(wavenumber, psd=target_psd).sigma)
+        sigma = Scale.from_wavenumber(wavenumber, psd=target_psd).sigma
+        assert sigma is not None  # from_wavenumber with a psd always sets it
+        self.sigma = float(sigma)
         x = np.asarray(transform.forward(self.bilinear), dtype=np.float32)
         self.inputs = np.where(np.isfinite(x) & self.mask, x, 0.0).astype(np.float32)
         valid = np.isfinite(self.truth) & self.mask & np.isfinite(self.bilinear)

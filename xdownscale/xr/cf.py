@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import cf_xarray  # noqa: F401  (registers the .cf accessor)
 import numpy as np
@@ -209,6 +209,10 @@ def _is_periodic(obj: xr.DataArray | xr.Dataset, grid: Grid) -> bool:
     return bool(abs(span - 360.0) < 0.5 * np.rad2deg(np.median(step)) + 1e-6)
 
 
+@overload
+def find_time(obj: xr.DataArray | xr.Dataset, *, required: Literal[True] = ...) -> str: ...
+@overload
+def find_time(obj: xr.DataArray | xr.Dataset, *, required: bool) -> str | None: ...
 def find_time(obj: xr.DataArray | xr.Dataset, *, required: bool = True) -> str | None:
     """Name of the time dimension of ``obj`` (CF ``T`` axis or datetime-typed dimension).
 
