@@ -175,7 +175,9 @@ def _stop_at(step: int) -> Any:
 @pytest.mark.parametrize(("kind", "loss"), [("cm", "ect"), ("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
 def test_resume_after_interruption_is_exact(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
     n = 5
-    common = dict(steps=2 * n, loss=loss, checkpoint_every=n, log_every=2, seed=7, **TINY)
+    common = dict(
+        steps=2 * n, loss=loss, checkpoint_every=n, log_every=2, seed=7, lr_schedule="cosine", **TINY
+    )
     straight = train(kind, pr, "pr", tmp_path / "straight", **common)
     with pytest.raises(_Stop):
         train(
@@ -191,6 +193,20 @@ def test_resume_after_interruption_is_exact(tmp_path: Path, pr: xr.DataArray, ki
         )
     history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("straight", "resumed")]
     assert history[0] == history[1]
+
+
+def test_learning_rate_schedules(tmp_path: Path, pr: xr.DataArray) -> None:
+    from xdownscale.models.train import LR_FLOOR, learning_rate
+
+    assert learning_rate(7, 100, 1e-3, "constant") == 1e-3
+    cosine = [learning_rate(k, 101, 1e-3, "cosine") for k in range(101)]
+    assert cosine[0] == pytest.approx(1e-3) and cosine[-1] == pytest.approx(LR_FLOOR * 1e-3)
+    assert cosine[50] == pytest.approx(1e-3 * (1 + LR_FLOOR) / 2)
+    assert all(np.diff(cosine) <= 0)
+    with pytest.raises(InputError, match=r"lr_schedule='linear': expected one of 'constant', 'cosine'"):
+        train("cm", pr, "pr", tmp_path / "bad", steps=2, lr_schedule="linear", **TINY)
+    path = train("cm", pr, "pr", tmp_path / "cos", steps=2, lr_schedule="cosine", **TINY)
+    assert json.loads(path.with_suffix(".json").read_text())["training"]["lr_schedule"] == "cosine"
 
 
 def test_same_seed_same_weights(tmp_path: Path, pr: xr.DataArray) -> None:

@@ -1,13 +1,19 @@
-"""Train the shipped E-OBS Iberia models (consistency model and VE-SDE baseline).
+"""Train the shipped E-OBS Iberia models (consistency model, VE-SDE baseline), precipitation or temperature.
 
     python weights/train_iberia.py --kind cm --steps 3000
     python weights/train_iberia.py --kind sde --steps 3000
+    python weights/train_iberia.py --kind cm --variable tas --steps 4000 --channels 32,48,48
 
-Data: ``../shared/data/iberia/eobs_0.25deg_tp_djf1991-2000.nc`` (E-OBS v12 daily precipitation, 0.25
-deg, sea masked), which is not part of the repository. Training winters 1990/91-1995/96, validation
-winter 1996/97; the test winters 1997/98-1999/2000 are never used for training or tuning. Writes
-``weights/NAME.safetensors`` + ``weights/NAME.json`` (float16 weights) and the training run (with
-checkpoints, resumable with ``--resume``) under ``runs/NAME``.
+Data (not part of the repository), in ``../shared/data/iberia/``:
+
+* ``pr``: ``eobs_0.25deg_tp_djf1991-2000.nc`` (E-OBS v12 daily precipitation, 0.25 deg, sea masked);
+  training winters 1990/91-1995/96, validation winter 1996/97.
+* ``tas``: ``eobs_0.5deg_tg_djf1983-2002.nc`` (E-OBS v14 daily mean temperature, 0.5 deg, sea masked);
+  training winters 1982/83-1995/96, validation winter 1996/97.
+
+The test winters from 1997/98 on are never used for training or tuning. Writes ``weights/NAME.safetensors``
++ ``weights/NAME.json`` (float16 weights) and the training run (with checkpoints, resumable with
+``--resume``) under ``runs/NAME``.
 """
 
 from __future__ import annotations
@@ -23,31 +29,53 @@ import xarray as xr
 import xdownscale
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "iberia" / "eobs_0.25deg_tp_djf1991-2000.nc"
-TRAIN = slice("1990-12-01", "1997-02-28")  # training winters incl. the validation winter
+SHARED = ROOT.parent / "shared" / "data" / "iberia"
 VALIDATION = "1996-12-01/1997-02-28"
 LICENCE = (
     "E-OBS: free for non-commercial research and education. Acknowledge 'E-OBS dataset from the EU-FP6 "
     "project UERRA and the Copernicus Climate Change Service, and the data providers in the ECA&D project'."
 )
-NAMES = {"cm": "cm-eobs-iberia-0.25deg-pr", "sde": "sde-eobs-iberia-0.25deg-pr"}
-INTENDED_USE = (
-    "Downscaling daily winter (DJF) precipitation from coarse climate-model or reanalysis fields "
-    "over the Iberian "
-    "Peninsula (34-44.5N, 10W-5E) onto the E-OBS 0.25 deg land grid, as an ensemble; demonstrations, "
-    "teaching and "
-    "method research."
-)
-LIMITATIONS = [
+COMMON_LIMITATIONS = [
     "Iberian Peninsula only, land cells only (sea is masked as in E-OBS).",
-    "Winter (DJF) daily precipitation only; other seasons are out of distribution.",
-    "Trained on 6 winters (about 540 days) on a CPU: a small model far from the paper's compute; see "
-    "the measured "
-    "skill before relying on it.",
     "Unpaired: corrects patterns below the chosen scale; larger-scale biases of the input are kept "
     "by design.",
     "E-OBS terms: non-commercial research and education only.",
 ]
+#: per variable: data file, its variable, training period, model names, card texts
+VARIABLES = {
+    "pr": {
+        "data": SHARED / "eobs_0.25deg_tp_djf1991-2000.nc",
+        "variable": "tp",
+        "train": slice("1990-12-01", "1997-02-28"),  # training winters incl. the validation winter
+        "names": {"cm": "cm-eobs-iberia-0.25deg-pr", "sde": "sde-eobs-iberia-0.25deg-pr"},
+        "description": "E-OBS v12 daily precipitation (tp), 0.25 deg regular grid over Iberia, DJF "
+        "1990/91-1995/96 (validation DJF 1996/97)",
+        "intended_use": "Downscaling daily winter (DJF) precipitation from coarse climate-model or "
+        "reanalysis fields over the Iberian Peninsula (34-44.5N, 10W-5E) onto the E-OBS 0.25 deg land "
+        "grid, as an ensemble; demonstrations, teaching and method research.",
+        "limitations": [
+            "Winter (DJF) daily precipitation only; other seasons are out of distribution.",
+            "Trained on 6 winters (about 540 days) on a CPU: a small model far from the paper's compute; "
+            "see the measured skill before relying on it.",
+        ],
+    },
+    "tas": {
+        "data": SHARED / "eobs_0.5deg_tg_djf1983-2002.nc",
+        "variable": "tg",
+        "train": slice("1982-12-01", "1997-02-28"),
+        "names": {"cm": "cm-eobs-iberia-0.5deg-tas", "sde": "sde-eobs-iberia-0.5deg-tas"},
+        "description": "E-OBS v14 daily mean near-surface temperature (tg), 0.5 deg regular grid over "
+        "Iberia, DJF 1982/83-1995/96 (validation DJF 1996/97)",
+        "intended_use": "Downscaling daily winter (DJF) mean near-surface air temperature (tas) from "
+        "coarse climate-model or reanalysis fields over the Iberian Peninsula (34-44.5N, 10W-5E) onto "
+        "the E-OBS 0.5 deg land grid, as an ensemble; demonstrations, teaching and method research.",
+        "limitations": [
+            "Winter (DJF) daily mean temperature only; other seasons are out of distribution.",
+            "Trained on 14 winters (about 1260 days) on a CPU: a small model far from the paper's "
+            "compute; see the measured skill before relying on it.",
+        ],
+    },
+}
 
 
 def main() -> None:
@@ -55,10 +83,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--kind", choices=("cm", "sde"), required=True)
+    parser.add_argument("--variable", choices=tuple(VARIABLES), default="pr")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--channels", default="32,64,64")
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
     parser.add_argument("--loss", default=None, help="cm: ect (default), ict or ct; sde: dsm")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--val-every", type=int, default=250)
@@ -69,24 +99,27 @@ def main() -> None:
     parser.add_argument("--run-name", default=None, help="training run directory under runs/ (default: NAME)")
     parser.add_argument("--no-install", action="store_true", help="do not copy the result into weights/")
     args = parser.parse_args()
-    if not DATA.exists():
-        raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
+    spec = VARIABLES[args.variable]
+    data_path = spec["data"]
+    if not data_path.exists():
+        raise SystemExit(f"{data_path} not found: the shared data must sit beside the repository.")
 
     import torch
 
-    name = NAMES[args.kind]
-    tp = xr.open_dataset(DATA)["tp"].sel(time=TRAIN)
+    name = spec["names"][args.kind]
+    field = xr.open_dataset(data_path)[spec["variable"]].sel(time=spec["train"])
     channels = tuple(int(c) for c in args.channels.split(","))
     started = time.perf_counter()
     path = xdownscale.train(
         kind=args.kind,
-        data=tp,
-        variable="tp",
+        data=field,
+        variable=spec["variable"],
         out=ROOT / "runs" / (args.run_name or name),
         name=name,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         loss=args.loss,
         ema_decay=args.ema_decay,
         channels=channels,
@@ -98,17 +131,14 @@ def main() -> None:
         resume=args.resume,
         device=args.device,
         licence=LICENCE,
-        description=(
-            "E-OBS v12 daily precipitation (tp), 0.25 deg regular grid over Iberia, DJF 1990/91-1995/96 "
-            "(validation DJF 1996/97)"
-        ),
+        description=spec["description"],
         dtype=torch.float16,
     )
     hours = (time.perf_counter() - started) / 3600
     card_path = path.with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card["intended_use"] = INTENDED_USE
-    card["limitations"] = LIMITATIONS
+    card["intended_use"] = spec["intended_use"]
+    card["limitations"] = [*spec["limitations"], *COMMON_LIMITATIONS]
     card["training"]["hours"] = round(hours, 3)
     card["training"]["hardware"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu (2 cores)")
     card_path.write_text(json.dumps(card, indent=1))

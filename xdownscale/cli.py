@@ -71,6 +71,13 @@ def _generative_options(func: Any) -> Any:
                 help="UNet channels per resolution level.",
             ),
             click.option("--lr", default=2e-4, show_default=True, type=float, help="RAdam learning rate."),
+            click.option(
+                "--lr-schedule",
+                default="constant",
+                show_default=True,
+                type=click.Choice(["constant", "cosine"]),
+                help="cosine: decay to a tenth of --lr over --steps.",
+            ),
             click.option("--seed", default=0, show_default=True, type=int),
             click.option(
                 "--loss",

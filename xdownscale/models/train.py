@@ -67,6 +67,7 @@ _IDENTITY = (
     "batch_size",
     "architecture",
     "lr",
+    "lr_schedule",
     "seed",
     "loss",
     "distance",
@@ -331,6 +332,23 @@ def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
+#: Learning rates of the schedules (:func:`learning_rate`)
+LR_SCHEDULES = ("constant", "cosine")
+#: Final learning rate of the cosine schedule, as a fraction of the initial one
+LR_FLOOR = 0.1
+
+
+def learning_rate(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate at ``step`` of ``steps``: ``lr``, or for ``"cosine"`` a half cosine from ``lr`` at
+    step 0 to ``LR_FLOOR * lr`` at the last step."""
+    if schedule == "constant":
+        return float(lr)
+    if schedule == "cosine":
+        frac = min(max(step / max(steps - 1, 1), 0.0), 1.0)
+        return float(lr) * (LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    raise InputError(f"lr_schedule={schedule!r}: expected one of {LR_SCHEDULES}.")
+
+
 class _Trainer:
     """The mutable state of a run (networks, optimiser, generators) and how to save / restore it."""
 
@@ -457,6 +475,7 @@ def train(
     channels: Sequence[int] = (16, 32, 32),
     net: Mapping[str, Any] | None = None,
     lr: float = 2e-4,
+    lr_schedule: str = "constant",
     seed: int = 0,
     val_time: Any = None,
     val_fraction: float = 0.1,
@@ -501,6 +520,10 @@ def train(
     steps, batch_size, lr, seed
         Optimisation steps, fields per batch, RAdam learning rate, random seed (network initialisation,
         batches and noise).
+    lr_schedule
+        ``"constant"``, or ``"cosine"``: the learning rate decays from ``lr`` to
+        ``LR_FLOOR * lr`` over ``steps`` on a half cosine (a function of the step alone, so resumed runs
+        follow it exactly).
     channels
         UNet channels per resolution level.
     net
@@ -571,6 +594,10 @@ def train(
         raise InputError(
             f"loss={loss!r} does not train kind {kind!r}; use one of {', '.join(map(repr, LOSSES[kind]))}."
         )
+    if lr_schedule not in LR_SCHEDULES:
+        raise InputError(
+            f"lr_schedule={lr_schedule!r}: expected one of {', '.join(map(repr, LR_SCHEDULES))}."
+        )
     for label, number, low in (
         ("steps", steps, 1),
         ("batch_size", batch_size, 1),
@@ -632,6 +659,7 @@ def train(
         "batch_size": int(batch_size),
         "architecture": arch,
         "lr": float(lr),
+        "lr_schedule": lr_schedule,
         "seed": int(seed),
         "loss": loss,
         "distance": distance if loss == "ct" else None,
@@ -788,6 +816,8 @@ def train(
                     "or check the data."
                 )
             trainer.opt.zero_grad(set_to_none=True)
+            for group in trainer.opt.param_groups:
+                group["lr"] = learning_rate(k, steps, lr, lr_schedule)
             value.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
@@ -858,7 +888,7 @@ def train(
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
     times = train_da[train_da.dims[0]].values
     val_times = val_da[val_da.dims[0]].values if val_da is not None else None
-    import xdownscale
+    from .._version import __version__
 
     card = {
         "format": CARD_FORMAT,
@@ -896,6 +926,7 @@ def train(
             "batch_size": int(batch_size),
             "optimizer": "RAdam",
             "lr": float(lr),
+            "lr_schedule": lr_schedule,
             "loss": loss,
             "distance": config["distance"],
             "ema_decay": float(ema_decay),
@@ -908,7 +939,7 @@ def train(
             "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
             "wall_time_s": round(time.time() - started, 1),
             "data_sha256": config["data_sha256"],
-            "xdownscale_version": xdownscale.__version__,
+            "xdownscale_version": __version__,
             "torch_version": torch.__version__,
         },
         "target_psd": {
