@@ -281,3 +281,15 @@ def test_output_attributes_are_cf_consistent_and_the_inputs_own(cm_model):
     assert out.attrs["long_name"] == "precipitation"
     model_long_name = cm_model.variable.get("long_name")
     assert not model_long_name or model_long_name not in out.attrs.values()
+
+
+# -- 5. a dry day -----------------------------------------------------------------------------------
+def test_an_all_zero_coarse_day_stays_dry(cm_model):
+    cmip = _cmip_iberia()
+    cmip[1] = 0.0  # a dry day everywhere
+    out = cmip.downscale.cm(model=cm_model.path, members=3, **RUN)
+    land = cm_model.grid["mask"].values
+    assert (out.values[1][..., land] == 0).all()
+    assert (out.values[0][..., land] > 0).any()
+    wet = cmip.downscale.cm(model=cm_model.path, members=3, preserve=False, **RUN)
+    assert (wet.values[1][..., land] > 0).any()  # what preserve= prevents: the network alone rains
