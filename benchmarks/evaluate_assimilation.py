@@ -299,6 +299,7 @@ def run_block(
     satellite: xr.DataArray | None = None,
     methods: tuple[str, ...] = METHODS,
     keep: dict[str, xr.DataArray] | None = None,
+    likelihood: str = "model",
 ) -> None:
     """All methods on one block; scores at the withheld stations and on the grid."""
     import xdownscale.assimilate as xa
@@ -342,6 +343,7 @@ def run_block(
                 background_std=stats["area_background_std"],
                 members=members,
                 steps=steps,
+                likelihood=likelihood,
                 seed=0,
                 progress=False,
             )
@@ -436,6 +438,7 @@ def evaluate(
     folds: int | None = None,
     ablate: dict[str, bool] | None = None,
     keep: dict[str, xr.DataArray] | None = None,
+    likelihood: str = "model",
 ) -> dict[str, Any]:
     """Leave-k-out evaluation of all methods on the test winters of ``case``."""
     from xdownscale.models.assimilation import load_assimilation_model
@@ -483,6 +486,7 @@ def evaluate(
                     satellite=satellite,
                     methods=methods,
                     keep=keep if (b == 0 and k == 0) else None,
+                    likelihood=likelihood,
                 )
             print(f"  {case.name} {'twin' if twin else 'real'} block {b + 1}/{len(chosen)} done", flush=True)
     return {
@@ -494,6 +498,7 @@ def evaluate(
         "folds": len(splits),
         "members": members,
         "steps": steps,
+        "likelihood": likelihood,
     }
 
 
@@ -823,6 +828,27 @@ def write_report(results: dict[str, Any]) -> None:
                         f"{_fmt(r.get('grid_crps'))} |"
                     )
         out.append("")
+    physical = results.get("tp real, likelihood=physical")
+    if physical and "tp real" in results:
+        out += [
+            "Real precipitation (the blocks and folds of the real case above) with the likelihood in the "
+            "model's log space (the default) and in physical units (`likelihood='physical'`: stations and "
+            "background compared in mm/day with their errors as estimated, so a dry station penalises "
+            "rain in proportion to its amount).",
+            "",
+            "| likelihood | method | RMSE | CRPS | spread/skill | bias | grid RMSE | grid CRPS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for label, res in (("model (log space)", results["tp real"]), ("physical (mm/day)", physical)):
+            for m in ("background", "SDA", "SLAMS"):
+                r = res["table"].get(m)
+                if r and not (m == "background" and label.startswith("physical")):
+                    out.append(
+                        f"| {'-' if m == 'background' else label} | {m} | {_fmt(r['rmse'])} | "
+                        f"{_fmt(r['crps'])} | {_fmt(r.get('spread_skill'))} | {_fmt(r['bias'])} | "
+                        f"{_fmt(r.get('grid_rmse'))} | {_fmt(r.get('grid_crps'))} |"
+                    )
+        out.append("")
     sweep = results.get("sweep")
     if sweep:
         out += [
@@ -979,6 +1005,20 @@ def main() -> None:
                 folds=folds,
                 methods=("SDA", "SLAMS"),
                 ablate=abl,
+            )
+    if "tp" in args.cases:
+        # the likelihood in physical units (mm/day) instead of log space, on the real precipitation case
+        for twin in (False, True):
+            run(
+                f"tp {'twin' if twin else 'real'}, likelihood=physical",
+                cases["tp"],
+                twin=twin,
+                blocks=1 if twin else blocks["tp"],
+                members=members,
+                steps=steps,
+                folds=folds,
+                methods=("SDA", "SLAMS"),
+                likelihood="physical",
             )
     if args.sweep:
         # steps x corrections in the temperature twin (1 block, 2 folds, 4 members): picks the defaults

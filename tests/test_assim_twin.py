@@ -7,6 +7,7 @@ cells, the analysis in the model's units, implausible values passing silently.""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -330,3 +331,24 @@ def test_background_ensemble_member_k_starts_from_member_k_mod_m():
         InputError, match=r"has the dimensions \['level'\] besides time, 'member' and the grid"
     ):
         sda(bg.expand_dims(level=[1]), model=model, background_std=0.3, members=1, steps=32, progress=False)
+
+
+def test_a_likelihood_in_physical_units_lets_dry_stations_dry_the_analysis():
+    """Dry stations (0 mm/day, error 1 mm/day) under a wet background: compared in the log space their
+    error maps to a wide band of logarithms and hardly constrains rain; compared in mm/day it does."""
+    from xdownscale.assimilate import sda
+
+    model, _, stations, _, _, bg = _twin(seed=2)
+    dry = (stations * 0.0).assign_attrs(units="mm d-1")
+    iy = (dry.lat.values - 38.0) / 0.5
+    ix = (dry.lon.values + 8.0) / 0.5
+    op = BilinearPoints(iy, ix, shape=(NY, NX), mask=model.mask)
+    kw = dict(model=model, stations=dry, stations_std=1.0, background_std=1.0, members=8, steps=48, seed=0)
+    at = {}
+    for likelihood in ("model", "physical"):
+        an = sda(bg * 3.0, likelihood=likelihood, progress=False, **kw)
+        assert json.loads(an.attrs["assimilation_config"])["likelihood"] == likelihood
+        at[likelihood] = float(np.mean(op(torch.as_tensor(np.nan_to_num(an.mean("member").values))).numpy()))
+    assert at["physical"] < 0.5 * at["model"], at
+    with pytest.raises(InputError, match=r"likelihood='pixel': expected one of 'model', 'physical'"):
+        sda(bg, likelihood="pixel", **kw)

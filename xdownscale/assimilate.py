@@ -43,6 +43,8 @@ MIN_STEPS = 32
 #: default predictor steps and members (the best-scoring settings of docs/evaluation-assimilation.md)
 DEFAULT_STEPS = 64
 DEFAULT_MEMBERS = 16
+#: Where the likelihood compares observations with the state (see slams/sda ``likelihood``)
+LIKELIHOODS = ("model", "physical")
 #: default Langevin corrections per step: the corrector helps SLAMS's latent prior but over-disperses the
 #: pixel-space (SDA) prior of the shipped models (twin sweep in docs/evaluation-assimilation.md)
 DEFAULT_CORRECTIONS = {"slams": 1, "sda": 0}
@@ -189,6 +191,7 @@ def _assimilate(
     corrections: int | None,
     tau: float,
     gamma: float,
+    likelihood: str,
     seed: int,
     device: str | None,
     batch_size: int | None,
@@ -214,8 +217,11 @@ def _assimilate(
             XDownscaleWarning,
             stacklevel=3,
         )
+    if likelihood not in LIKELIHOODS:
+        raise InputError(f"likelihood={likelihood!r}: expected one of {', '.join(map(repr, LIKELIHOODS))}.")
     m = _load(model, kind, device)
     units = m.variable["units"]
+    in_physical_units = likelihood == "physical" and m.nonlinear
     label = f"'{background.name}'" if background.name is not None else "the background"
     tname = find_time(background)
     bgrid = find_grid(background)
@@ -251,16 +257,23 @@ def _assimilate(
 
     def physical(op: Any) -> Any:
         """Operators act on the state in physical units (area means and interpolation of precipitation,
-        not of its logarithm: no Jensen bias), and their output is compared in the model space."""
+        not of its logarithm: no Jensen bias); their output is compared in the model space, or in
+        physical units with likelihood='physical'."""
         if not m.nonlinear:
             return op
+        if in_physical_units:
+            return lambda x: op(m.from_model_space_torch(x))
         return lambda x: m.to_model_space_torch(op(m.from_model_space_torch(x)))
 
     # (name, operator on the model-space state, y (length, 1, M), std (length, 1, M)) in the model space
     mods: list[tuple[str, Any, np.ndarray, np.ndarray]] = []
 
     def pad(values: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y, s = _to_model_space(m, values, std)
+        if in_physical_units:
+            y = np.asarray(values, dtype=np.float64)
+            s = np.broadcast_to(np.asarray(std, dtype=np.float64), y.shape)
+        else:
+            y, s = _to_model_space(m, values, std)
         yp = np.full((length, *y.shape[1:]), np.nan)
         sp_ = np.ones((length, *y.shape[1:]))
         yp[:n_time], sp_[:n_time] = y, s
@@ -289,7 +302,7 @@ def _assimilate(
                     f"All values of the background {label} are missing (NaN); nothing to assimilate."
                 )
             y, s = pad(vals.reshape(n_time, -1), np.full(ny * nx, bstd))
-            mods.append(("background", lambda x: x.flatten(-2), y, s))
+            mods.append(("background", physical(lambda x: x.flatten(-2)), y, s))
         else:
             sat = satellite_on_grid(bgb, template, std=bstd)
             area("the background", sat.weights, sat.values, sat.std)
@@ -357,6 +370,7 @@ def _assimilate(
             torch.as_tensor(y, dtype=torch.float32, device=dev),
             torch.as_tensor(s, dtype=torch.float32, device=dev),
             name,
+            linearize=in_physical_units,
         )
 
     shared = [modality(*mod) for mod in mods]
@@ -414,6 +428,7 @@ def _assimilate(
             corrections=corrections,
             tau=tau,
             gamma=gamma,
+            likelihood="physical" if in_physical_units else "model",
             seed=seed,
             units=units,
         ),
@@ -434,6 +449,7 @@ def _attrs(
     corrections: int,
     tau: float,
     gamma: float,
+    likelihood: str,
     seed: int,
     units: str,
 ) -> dict[str, Any]:
@@ -452,6 +468,7 @@ def _attrs(
         "corrections": corrections,
         "tau": tau,
         "gamma": gamma,
+        "likelihood": likelihood,
         "seed": seed,
     }
     attrs["assimilation_model"] = m.name
@@ -752,6 +769,11 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
         Predictor steps (default {steps}: the best-scoring setting of the twin sweep in
         ``docs/evaluation-assimilation.md``; the paper uses 512), Langevin corrections per step (default
         {corrections}; the paper uses 1), Langevin amplitude (0.5) and likelihood stability weight (1e-2).
+    likelihood
+        Where observations are compared with the state: ``"model"`` (default), in the model's
+        transformed space (log space for precipitation; observation errors mapped through the
+        transform), or ``"physical"``, in the variable's units with the errors as given (a dry
+        observation then penalises rain in proportion to its amount). Identical for temperature.
     seed
         Same seed, same ensemble (member ``m`` never depends on the batch).
     device
@@ -767,7 +789,7 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
         ``(time, member, lat, lon)`` on the model grid, in the background's units (the model's when the
         background has none), with CF attributes and a history entry. Observation operators act on the
         state in physical units (precipitation is averaged and interpolated as amounts, not as
-        logarithms); the likelihood compares them in the model space.
+        logarithms); the likelihood compares them as ``likelihood`` says.
 
     Warns
     -----
@@ -805,6 +827,7 @@ def slams(
     corrections: int | None = None,
     tau: float = 0.5,
     gamma: float = 1e-2,
+    likelihood: str = "model",
     seed: int = 0,
     device: str | None = None,
     batch_size: int | None = None,
@@ -829,6 +852,7 @@ def sda(
     corrections: int | None = None,
     tau: float = 0.5,
     gamma: float = 1e-2,
+    likelihood: str = "model",
     seed: int = 0,
     device: str | None = None,
     batch_size: int | None = None,

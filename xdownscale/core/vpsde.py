@@ -275,12 +275,22 @@ class Modality:
         Observation error std, broadcastable to ``y`` (> 0).
     name
         For messages.
+    linearize
+        Scale the prior-uncertainty terms of the likelihood variance (stability and step-size terms) by
+        the squared local gain of the operator, ``(dA/dx)^2`` along a uniform change of the state (by
+        central differences at the current estimate): for operators that are not close to an average
+        of the state, e.g. one that takes a log-space state to physical units, whose gain is far from 1.
     """
 
     operator: Callable[[Tensor], Tensor]
     y: Tensor
     std: Tensor | float
     name: str = "obs"
+    linearize: bool = False
+
+
+#: State step of the central differences of :attr:`Modality.linearize`
+LINEARIZE_STEP = 1e-3
 
 
 class PosteriorEps:
@@ -332,7 +342,7 @@ class PosteriorEps:
         self.sde = sde
         self.gamma = float(gamma)
         self.decoder = decoder
-        self.terms: list[tuple[Callable[[Tensor], Tensor], Tensor, Tensor, Tensor, str]] = []
+        self.terms: list[tuple[Callable[[Tensor], Tensor], Tensor, Tensor, Tensor, str, bool]] = []
         for m in modalities:
             y = torch.as_tensor(m.y)
             valid = torch.isfinite(y)
@@ -341,7 +351,14 @@ class PosteriorEps:
             if not bool(valid.any()):
                 continue
             self.terms.append(
-                (m.operator, torch.where(valid, y, 0.0), torch.where(valid, std, 1.0), valid, m.name)
+                (
+                    m.operator,
+                    torch.where(valid, y, 0.0),
+                    torch.where(valid, std, 1.0),
+                    valid,
+                    m.name,
+                    bool(m.linearize),
+                )
             )
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
@@ -361,9 +378,15 @@ class PosteriorEps:
             x_hat = (xg - sigma * eps) / mu
             state = self.decoder(x_hat) if self.decoder is not None else x_hat
             log_p = xg.new_zeros(())
-            for op, y, std, valid, _ in self.terms:
+            for op, y, std, valid, _, linearize in self.terms:
                 err = y - op(state)
-                var = std**2 + self.gamma * (sigma / mu) ** 2 + inflation
+                prior = self.gamma * (sigma / mu) ** 2 + inflation
+                if linearize:
+                    with torch.no_grad():
+                        base = state.detach()
+                        gain = (op(base + LINEARIZE_STEP) - op(base - LINEARIZE_STEP)) / (2 * LINEARIZE_STEP)
+                    prior = prior * gain**2
+                var = std**2 + prior
                 log_p = log_p - 0.5 * torch.where(valid, err**2 / var, 0.0).sum()
             (grad,) = torch.autograd.grad(log_p, xg)
         return (eps.detach() - sigma * grad).detach()
