@@ -292,21 +292,25 @@ def scale_sweep(
 
 
 # ----------------------------------------------------------------------------------- paired (model)
-def _paired_inputs(truth: xr.DataArray, factor: int, days: int) -> tuple[xr.DataArray, xr.DataArray]:
-    """A perfect-model input: E-OBS test days averaged over ``factor`` x ``factor`` blocks (sea ignored)."""
+def coarse_grained(truth: xr.DataArray, factor: int) -> xr.DataArray:
+    """``truth`` averaged over ``factor`` x ``factor`` blocks (sea ignored), padded with NaN (no data) to
+    whole blocks first so that the coarse grid covers the whole domain."""
     from xdownscale.datasets import coarsen_like_esm
 
-    sub = truth.isel(time=_blocks(truth.sizes["time"], days))
-    # pad with NaN (no data) to whole blocks, so the coarse grid covers the whole domain
-    pad = {d: (-sub.sizes[d]) % factor for d in ("lat", "lon")}
-    padded = sub.pad({d: (0, n) for d, n in pad.items()})
+    pad = {d: (-truth.sizes[d]) % factor for d in ("lat", "lon")}
+    padded = truth.pad({d: (0, n) for d, n in pad.items()})
     for d, n in pad.items():
-        c = sub[d].values
+        c = truth[d].values
         padded = padded.assign_coords(
-            {d: (d, np.r_[c, c[-1] + (c[1] - c[0]) * np.arange(1, n + 1)], sub[d].attrs)}
+            {d: (d, np.r_[c, c[-1] + (c[1] - c[0]) * np.arange(1, n + 1)], truth[d].attrs)}
         )
-    coarse = coarsen_like_esm(padded, factor=factor).assign_attrs(units="mm/day")
-    return sub, coarse
+    return coarsen_like_esm(padded, factor=factor)
+
+
+def _paired_inputs(truth: xr.DataArray, factor: int, days: int) -> tuple[xr.DataArray, xr.DataArray]:
+    """A perfect-model input: E-OBS test days averaged over ``factor`` x ``factor`` blocks (sea ignored)."""
+    sub = truth.isel(time=_blocks(truth.sizes["time"], days))
+    return sub, coarse_grained(sub, factor).assign_attrs(units="mm/day")
 
 
 def _paired_scores(field: xr.DataArray, truth: xr.DataArray, cm: Any) -> dict[str, float]:

@@ -25,21 +25,19 @@ import argparse
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+# the precipitation report's paths and its perfect-model coarse-graining (run as a script: same folder)
+from evaluate_iberia import DATA, DOCS, coarse_grained
+
 import xdownscale
 from xdownscale import metrics
-from xdownscale.datasets import coarsen_like_esm
 from xdownscale.errors import XDownscaleWarning
 from xdownscale.xr.units import convert_units
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "iberia"
-DOCS = ROOT / "docs"
 FIGURES = DOCS / "figures" / "evaluation-tas"
 TEST = slice("1997-12-01", "2002-02-28")
 HIST = slice("1982-12-01", "1997-02-28")
@@ -61,16 +59,7 @@ def _days(n: int, days: int, block: int = 5) -> np.ndarray:
 
 
 def _coarse_grained(truth: xr.DataArray, factor: int) -> xr.DataArray:
-    """The truth averaged over ``factor`` x ``factor`` blocks (sea ignored), padded with NaN to whole
-    blocks so that the coarse grid covers the whole domain."""
-    pad = {d: (-truth.sizes[d]) % factor for d in ("lat", "lon")}
-    padded = truth.pad({d: (0, n) for d, n in pad.items()})
-    for d, n in pad.items():
-        c = truth[d].values
-        padded = padded.assign_coords(
-            {d: (d, np.r_[c, c[-1] + (c[1] - c[0]) * np.arange(1, n + 1)], truth[d].attrs)}
-        )
-    return coarsen_like_esm(padded, factor=factor).assign_attrs(units="degC")
+    return coarse_grained(truth, factor).assign_attrs(units="degC")
 
 
 def _log_psd(field: xr.DataArray, cm: Any) -> np.ndarray:
