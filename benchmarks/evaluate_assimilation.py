@@ -49,13 +49,17 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xdownscale.assimilate import DEFAULT_LIKELIHOOD
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "weights"))
 DATA = ROOT.parent / "shared" / "data" / "iberia"
 DOC = ROOT / "docs" / "evaluation-assimilation.md"
 FIGS = ROOT / "docs" / "figures" / "assimilation"
 WINDOW = 5
-METHODS = ("background", "OI", "SDA", "SLAMS")
+METHODS = ("background", "OI", "SDA", "SLAMS", "CM", "CM + SLAMS")
+#: the downscale -> assimilate chain: the downscaling model of each case (same grid as its assimilation pair)
+CHAIN = ("CM", "CM + SLAMS")
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Case:
     stations: xr.DataArray
     ncep: xr.DataArray
     models: dict[str, str]
+    cm: str
     train_end: str
     test_start: str
     twin_bg_factor: int
@@ -110,6 +115,7 @@ def load_cases() -> dict[str, Case]:
             stations=tas,
             ncep=_load(DATA / "ncep_r1_tas_djf1983-2002.nc", "tas"),
             models={"SDA": "sda-eobs-iberia-0.5deg-tg", "SLAMS": "slams-eobs-iberia-0.5deg-tg"},
+            cm="cm-eobs-iberia-0.5deg-tas",
             train_end="1997-02-28",
             test_start="1997-12-01",
             twin_bg_factor=4,
@@ -127,6 +133,7 @@ def load_cases() -> dict[str, Case]:
             stations=pr,
             ncep=_load(DATA / "ncep_r1_pr_djf1983-2002.nc", "pr"),
             models={"SDA": "sda-eobs-iberia-0.25deg-pr", "SLAMS": "slams-eobs-iberia-0.25deg-pr"},
+            cm="cm-eobs-iberia-0.25deg-pr",
             train_end="1997-02-28",
             test_start="1997-12-01",
             twin_bg_factor=8,
@@ -299,9 +306,11 @@ def run_block(
     satellite: xr.DataArray | None = None,
     methods: tuple[str, ...] = METHODS,
     keep: dict[str, xr.DataArray] | None = None,
-    likelihood: str = "model",
+    likelihood: str = DEFAULT_LIKELIHOOD,
+    downscaled: xr.DataArray | None = None,
 ) -> None:
-    """All methods on one block; scores at the withheld stations and on the grid."""
+    """All methods on one block; scores at the withheld stations and on the grid. ``downscaled``: the CM
+    ensemble of the background (the chain's first step), for the methods "CM" and "CM + SLAMS"."""
     import xdownscale.assimilate as xa
     from xdownscale.xr.regrid import regrid
     from xdownscale.xr.units import convert_units
@@ -349,6 +358,27 @@ def run_block(
             )
         scores.seconds.setdefault(method, []).append(time.perf_counter() - t0)
         fields[method] = an.transpose("time", "member", "lat", "lon")
+    if "CM" in methods and downscaled is not None:
+        fields["CM"] = convert_units(downscaled, case.units).transpose("time", "member", "lat", "lon")
+    if "CM + SLAMS" in methods and downscaled is not None:
+        # the chain: the downscaled ensemble is the background ensemble, on the model grid, in its own units
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            an = xa.slams(
+                downscaled,
+                model=models["SLAMS"],
+                stations=used,
+                stations_std=used_std,
+                background_std=stats["background_std"],
+                members=members,
+                steps=steps,
+                likelihood=likelihood,
+                seed=0,
+                progress=False,
+            )
+        scores.seconds.setdefault("CM + SLAMS", []).append(time.perf_counter() - t0)
+        fields["CM + SLAMS"] = convert_units(an, case.units).transpose("time", "member", "lat", "lon")
     tv = truth.transpose("time", "lat", "lon").values
     for method, f in fields.items():
         f = f.astype(np.float64)
@@ -427,6 +457,31 @@ def twin_satellite(case: Case, truth: xr.DataArray, rng: np.random.Generator) ->
     return sat
 
 
+def downscale_background(case: Case, background: xr.DataArray, members: int) -> xr.DataArray:
+    """The chain's first step: ``background`` (NCEP R1 days) downscaled by the case's CM with QDM fitted on
+    NCEP's training winters and the scale that ``scale="auto"`` picks on those winters (resolved once per
+    case, as a user resolves it once on the historical period), as an ensemble of ``members``."""
+    import xdownscale  # noqa: F401  (registers the accessors)
+
+    hist = case.ncep.sel(time=slice(None, case.train_end))
+    if "scale" not in case.extra:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            case.extra["scale"] = hist.downscale.select_scale(model=case.cm, qdm=True, hist=hist)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = background.downscale.cm(
+            model=case.cm,
+            scale=case.extra["scale"],
+            qdm=True,
+            hist=hist,
+            members=members,
+            seed=0,
+            progress=False,
+        )
+    return out.load()
+
+
 def evaluate(
     case: Case,
     *,
@@ -438,7 +493,7 @@ def evaluate(
     folds: int | None = None,
     ablate: dict[str, bool] | None = None,
     keep: dict[str, xr.DataArray] | None = None,
-    likelihood: str = "model",
+    likelihood: str = DEFAULT_LIKELIHOOD,
 ) -> dict[str, Any]:
     """Leave-k-out evaluation of all methods on the test winters of ``case``."""
     from xdownscale.models.assimilation import load_assimilation_model
@@ -466,6 +521,11 @@ def evaluate(
                 st_all = case.stations.sel(time=days)
                 satellite = None
                 reference = convert_units(st_all, case.units).transpose("time", "station").values
+            downscaled = None
+            if set(CHAIN) & set(methods):
+                if twin:
+                    raise ValueError("the downscale -> assimilate chain is evaluated on real data only")
+                downscaled = downscale_background(case, background, members)
             for k, held_idx in enumerate(splits):
                 used_idx = np.setdiff1d(np.arange(n_st), held_idx)
                 used_ok = used_idx[np.isfinite(stats["stations_std"][used_idx])]
@@ -487,6 +547,7 @@ def evaluate(
                     methods=methods,
                     keep=keep if (b == 0 and k == 0) else None,
                     likelihood=likelihood,
+                    downscaled=downscaled,
                 )
             print(f"  {case.name} {'twin' if twin else 'real'} block {b + 1}/{len(chosen)} done", flush=True)
     return {
@@ -499,6 +560,7 @@ def evaluate(
         "members": members,
         "steps": steps,
         "likelihood": likelihood,
+        **({"scale": str(case.extra["scale"])} if set(CHAIN) & set(methods) else {}),
     }
 
 
@@ -589,9 +651,10 @@ def figure_maps(
             panels.append(
                 (f"{m} (mean)" if "member" in f.dims else m, f.mean("member") if "member" in f.dims else f)
             )
-    if "SLAMS" in fields:
-        panels.append(("SLAMS member 0", fields["SLAMS"].isel(time=2, member=0)))
-        panels.append(("SLAMS spread", fields["SLAMS"].isel(time=2).std("member")))
+    last = next((m for m in ("CM + SLAMS", "SLAMS") if m in fields), None)
+    if last is not None:
+        panels.append((f"{last} member 0", fields[last].isel(time=2, member=0)))
+        panels.append((f"{last} spread", fields[last].isel(time=2).std("member")))
     vals = np.concatenate([np.asarray(p[1].values).ravel() for p in panels[:-1]])
     lo, hi = np.nanpercentile(vals, [1, 99])
     if cmap == "Blues":
@@ -774,6 +837,7 @@ def write_report(results: dict[str, Any]) -> None:
                     f"![{title}, {kind}: one day of each method](figures/assimilation/maps-{key}-{kind}.png)",
                     "",
                 ]
+    out += chain_section(results, cases)
     abl = {k: v for k, v in results.items() if k.startswith("tp twin, ")}
     if abl and "tp twin" in results:
         abl = {"tp twin, all fixes": results["tp twin"], **abl}
@@ -893,6 +957,54 @@ def write_report(results: dict[str, Any]) -> None:
     DOC.write_text("\n".join(out))
 
 
+def chain_section(results: dict[str, Any], cases: dict[str, tuple[str, str]]) -> list[str]:
+    """The downscale -> assimilate chain against each step alone (same blocks, folds and members)."""
+    keys = [k for k in cases if f"{k} chain" in results and f"{k} real" in results]
+    if not keys:
+        return []
+    out = [
+        "## Downscale, then assimilate",
+        "",
+        "The chain a user writes: `ncep.downscale.cm(model=..., qdm=True, hist=..., members=8)` followed by "
+        "`.assimilate.slams(stations=..., ...)`, the downscaled ensemble being the background ensemble "
+        "(analysis member *k* starts from downscaled member *k*; the background enters cell by cell on the "
+        "model grid with the point background std). QDM is fitted on NCEP R1's training winters; the "
+        'scale is the one `scale="auto"` picks on those winters, resolved once. Same blocks, folds, '
+        "stations and members as the real case above, whose *background* (NCEP R1 bilinear) and *SLAMS* "
+        "(NCEP R1 cells as area averages) rows are repeated here as the single steps.",
+        "",
+    ]
+    for key in keys:
+        title, units = cases[key]
+        real, chain = results[f"{key} real"], results[f"{key} chain"]
+        rows = {m: real["table"][m] for m in ("background", "SLAMS") if m in real["table"]}
+        rows |= {m: chain["table"][m] for m in CHAIN if m in chain["table"]}
+        out += [
+            f"**{title}** (scale {chain.get('scale', '?')}):",
+            "",
+            table_md({"table": rows}, units),
+            "",
+        ]
+        c, cm = rows.get("CM + SLAMS"), rows.get("CM")
+        if c is None or cm is None:
+            continue
+        for base in ("background", "SLAMS", "CM"):
+            b = rows.get(base)
+            if b is None:
+                continue
+            name = {"SLAMS": "SLAMS on NCEP R1", "CM": "the CM alone"}.get(base, "the background")
+            out.append(
+                f"* CM + SLAMS vs {name}: CRPS at the withheld stations {c['crps']:.2f} vs {b['crps']:.2f} "
+                f"{units} ({'better' if c['crps'] < b['crps'] else 'not better'}), on the E-OBS grid "
+                f"{c['grid_crps']:.2f} vs {b['grid_crps']:.2f} "
+                f"({'better' if c['grid_crps'] < b['grid_crps'] else 'not better'})."
+            )
+        out.append("")
+        if (FIGS / f"maps-{key}-chain.png").is_file():
+            out += [f"![{title}, the chain: one day](figures/assimilation/maps-{key}-chain.png)", ""]
+    return out
+
+
 KEEP = ("rmse", "crps", "spread_skill", "bias", "grid_rmse", "grid_crps", "grid_spread_skill", "seconds")
 
 
@@ -998,6 +1110,33 @@ def main() -> None:
                     f"{'twin' if twin else 'NCEP R1 background'}, stations of fold 1 assimilated",
                     "Blues" if case.nonneg else "RdYlBu_r",
                 )
+    for name in args.cases:
+        # downscale -> assimilate: the CM ensemble of NCEP R1 as the background of SLAMS (same blocks and
+        # folds as the real case, so its background and SLAMS rows are the baselines)
+        case = cases[name]
+        keep = {}
+        run(
+            f"{name} chain",
+            case,
+            twin=False,
+            blocks=blocks[name],
+            members=members,
+            steps=steps,
+            folds=folds,
+            methods=CHAIN,
+            keep=keep,
+        )
+        if keep:
+            test = case.state.sel(time=slice(case.test_start, None))
+            day0 = pick_blocks(test.time.values, blocks[name])[0]
+            figure_maps(
+                keep,
+                test.sel(time=day0),
+                FIGS / f"maps-{name}-chain.png",
+                f"{case.label}, {str(day0[2])[:10]}: NCEP R1 downscaled by the CM, then SLAMS with the "
+                "stations of fold 1",
+                "Blues" if case.nonneg else "RdYlBu_r",
+            )
     if "tp" in args.cases:
         # cause analysis in the twin: the fixes of issue 13 undone one at a time (same block as "tp twin")
         for label, abl in (("log-space operators", {"log_space": True}), ("no land mask", {"no_mask": True})):
