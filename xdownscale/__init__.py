@@ -39,11 +39,14 @@ _LAZY = {
     "list_models": "xdownscale.models",
     "downscale": "xdownscale.api",
     "prepare": "xdownscale.api",
+    "plan": "xdownscale.api",
+    "Plan": "xdownscale.api",
 }
 _SUBMODULES = {"transforms", "metrics", "datasets", "models", "api", "cli", "assimilate", "demo", "batch"}
 
 __all__ = [
     "QDM",
+    "Plan",
     "Regridder",
     "Scale",
     "__version__",
@@ -62,6 +65,7 @@ __all__ = [
     "lowpass",
     "metrics",
     "models",
+    "plan",
     "prepare",
     "psd",
     "regrid",
@@ -73,7 +77,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import api, datasets, metrics, models, transforms
-    from .api import downscale, prepare
+    from .api import Plan, downscale, plan, prepare
     from .models import list_models, load_model
     from .models.train import train
     from .xr.qdm import QDM, apply_qdm

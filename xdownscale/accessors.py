@@ -96,6 +96,18 @@ class DownscaleAccessor:
             **kwargs,
         )
 
+    def plan(self, model: Any, *, method: str | None = None, **kwargs: Any) -> Any:
+        """Resolve a downscaling of this field once (model, QDM fit, scale, settings) to apply to any
+        period: ``p = hist.downscale.plan(model, qdm=True); p.apply(future)``.
+
+        Forwards to :func:`xdownscale.plan`; ``method`` defaults to the model's kind (``"cm"`` or
+        ``"sde"``).
+        """
+        from .api import _load, plan
+
+        loaded = _load(model)
+        return plan(self._da, model=loaded, method=method or loaded.kind, **kwargs)
+
     def prepare(self, model: Any, **kwargs: Any) -> xr.DataArray:
         """Everything up to the network input (units, regrid, low-pass, QDM, transform).
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ import xarray as xr
 from .errors import InputError, XDownscaleWarning
 from .xr.cf import Grid, find_grid, find_time, grid_spacing_km
 
-__all__ = ["METHODS", "downscale", "prepare", "resolve_scale", "select_scale"]
+__all__ = ["METHODS", "Plan", "downscale", "plan", "prepare", "resolve_scale", "select_scale"]
 
 METHODS = ("cm", "sde")
 DEFAULT_STEPS = {"cm": 1, "sde": 500}
@@ -123,6 +124,28 @@ def _to_model_grid(
     return fine
 
 
+def _hist_fine(
+    fine: xr.DataArray, model: Any, hist: Any, *, regrid: str, lowpass: bool, units: str | None
+) -> xr.DataArray:
+    """The QDM's historical period on the model grid: ``hist`` a period (slice) of ``fine`` (the input
+    on the model grid), a separate DataArray of the same ESM, or None (all of ``fine``)."""
+    time = find_time(fine)
+    if hist is None:
+        return fine
+    if isinstance(hist, slice):
+        hist_fine = fine.sel({time: hist})
+        if hist_fine.sizes[time] == 0:
+            raise InputError(
+                f"hist={hist!r} selects no time step of the input, which spans "
+                f"{fine[time].values[0]} .. {fine[time].values[-1]}. Pass a period inside it."
+            )
+        return hist_fine
+    if isinstance(hist, xr.DataArray):
+        hist_checked, hist_grid, _ = _check_input(hist, model, units)
+        return _to_model_grid(hist_checked, hist_grid, model, regrid=regrid, lowpass=lowpass, units=units)
+    raise InputError(f"hist={hist!r}: expected a time slice (e.g. slice('1983', '2002')) or a DataArray.")
+
+
 def _apply_qdm(
     fine: xr.DataArray,
     model: Any,
@@ -140,23 +163,16 @@ def _apply_qdm(
         return qdm.adjust(fine)
     if qdm is not True:
         raise InputError(f"qdm={qdm!r}: expected True, False or a fitted xdownscale.QDM.")
-    time = find_time(fine)
-    if hist is None:
-        hist_fine = fine
-    elif isinstance(hist, slice):
-        hist_fine = fine.sel({time: hist})
-        if hist_fine.sizes[time] == 0:
-            raise InputError(
-                f"hist={hist!r} selects no time step of the input, which spans "
-                f"{fine[time].values[0]} .. {fine[time].values[-1]}. Pass a period inside it."
-            )
-    elif isinstance(hist, xr.DataArray):
-        hist_checked, hist_grid, _ = _check_input(hist, model, units)
-        hist_fine = _to_model_grid(
-            hist_checked, hist_grid, model, regrid=regrid, lowpass=lowpass, units=units
-        )
-    else:
-        raise InputError(f"hist={hist!r}: expected a time slice (e.g. slice('1983', '2002')) or a DataArray.")
+    hist_fine = _hist_fine(fine, model, hist, regrid=regrid, lowpass=lowpass, units=units)
+    return _fit_qdm(hist_fine, model, qdm_kwargs).adjust(fine)
+
+
+def _fit_qdm(hist_fine: xr.DataArray, model: Any, qdm_kwargs: dict[str, Any]) -> Any:
+    """QDM of the historical period ``hist_fine`` (model grid, model units) against the model's training
+    quantiles, or against ``qdm_kwargs['ref']`` when given."""
+    from .xr.qdm import QDM
+
+    qdm_kwargs = dict(qdm_kwargs)
     ref = qdm_kwargs.pop("ref", None)
     qdm_kwargs = qdm_defaults(model, qdm_kwargs)
     kind = qdm_kwargs.pop("kind")
@@ -173,7 +189,7 @@ def _apply_qdm(
                 "pass qdm_kwargs={'ref': observations} or a fitted xdownscale.QDM as qdm=."
             )
         fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, kind=kind, **qdm_kwargs)
-    return fitted.adjust(fine)
+    return fitted
 
 
 def qdm_defaults(model: Any, qdm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -232,21 +248,34 @@ def prepare(
     model = _load(model)
     da, grid, _ = _check_input(da, model, units)
     fine = _to_model_grid(da, grid, model, regrid=regrid, lowpass=lowpass, units=units)
-    input_wavenumber = fine.attrs[INPUT_WAVENUMBER_ATTR]
     if qdm is not False and qdm is not None:
-        chunks = fine.chunksizes.get(find_time(fine)) if fine.chunks is not None else None
-        fine = _apply_qdm(
+        fine = _keeping_time_chunks(
             fine,
-            model,
-            qdm=qdm,
-            hist=hist,
-            regrid=regrid,
-            lowpass=lowpass,
-            units=units,
-            qdm_kwargs=dict(qdm_kwargs or {}),
+            lambda f: _apply_qdm(
+                f,
+                model,
+                qdm=qdm,
+                hist=hist,
+                regrid=regrid,
+                lowpass=lowpass,
+                units=units,
+                qdm_kwargs=dict(qdm_kwargs or {}),
+            ),
         )
-        if chunks is not None:  # QDM needs time in one chunk; give the caller's time chunks back
-            fine = fine.chunk({find_time(fine): chunks})
+    return _finish(fine, model, transform)
+
+
+def _keeping_time_chunks(fine: xr.DataArray, adjust: Any) -> xr.DataArray:
+    """``adjust(fine)`` (a QDM, which needs time in one chunk) with the caller's time chunks given back."""
+    chunks = fine.chunksizes.get(find_time(fine)) if fine.chunks is not None else None
+    out = adjust(fine)
+    out.attrs[INPUT_WAVENUMBER_ATTR] = fine.attrs[INPUT_WAVENUMBER_ATTR]
+    return out.chunk({find_time(out): chunks}) if chunks is not None else out
+
+
+def _finish(fine: xr.DataArray, model: Any, transform: bool) -> xr.DataArray:
+    """Step 5 of :func:`prepare`: the mask and, with ``transform``, the model's transform (float32)."""
+    input_wavenumber = fine.attrs[INPUT_WAVENUMBER_ATTR]
     fine = fine.where(_mask(model))
     if transform:
         attrs = fine.attrs
@@ -332,7 +361,8 @@ def _auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | No
 
 
 def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: Any) -> Any:
-    """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da``.
+    """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da`` (``kwargs``: those of
+    :func:`prepare`).
 
     The mean spectrum of the prepared input (at most ``sample`` evenly spaced time steps, after QDM
     when ``qdm=True``, in the model's transformed space, masked cells estimated the way the model's
@@ -340,28 +370,47 @@ def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: A
     :func:`xdownscale.xr.spectra.select_scale`: between 4 and 2 cells of the input's grid (wavelength),
     the first wavenumber where the input's power drops below half the target's, the input's Nyquist
     scale (2 cells) where it never does; the noise level is sigma(t*) = sqrt(n_cells PSD_target(k*))
-    (Hess et al. 2024, Eq. 8). Warns when the input lacks power already at 4 input cells."""
+    (Hess et al. 2024, Eq. 8). With ``qdm=True`` and a ``hist``, the spectrum is that of the QDM's
+    historical period (after QDM), so every period gets the same scale (see :func:`plan`). Warns when
+    the input lacks power already at 4 input cells."""
+    unknown = set(kwargs) - {"regrid", "lowpass", "qdm", "hist", "units", "qdm_kwargs"}
+    if unknown:
+        raise InputError(
+            f"select_scale got unexpected arguments {sorted(unknown)}; it takes those of prepare: regrid, "
+            "lowpass, qdm, hist, units, qdm_kwargs."
+        )
     model = _load(model)
-    transformed = prepare(da, model=model, **kwargs)
-    return resolve_scale("auto", model, transformed, sample=sample)
+    chosen, _ = _make_plan(
+        da,
+        model=model,
+        method=model.kind,
+        scale="auto",
+        members=1,
+        seed=0,
+        steps=None,
+        qdm=kwargs.get("qdm", False),
+        hist=kwargs.get("hist"),
+        regrid=kwargs.get("regrid", "bilinear"),
+        lowpass=kwargs.get("lowpass", True),
+        units=kwargs.get("units"),
+        device="cpu",
+        batch_size=None,
+        precision="auto",
+        member_dim=None,
+        progress=None,
+        scale_sample=sample,
+        qdm_kwargs=kwargs.get("qdm_kwargs"),
+        preserve=False,
+    )
+    return chosen.compute().scale
 
 
 def _lazy_sigma(transformed: xr.DataArray, model: Any, sample: int) -> Any:
-    import dask
-    import dask.array as dsa
-
+    """sigma(t*) of ``scale="auto"`` for lazy prepared input, as a lazy dask scalar."""
     from .xr.spectra import masked_estimator
 
     spectrum = _input_psd(transformed, sample, masked_estimator(model.target_psd))
-
-    cutoff = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
-
-    def sigma_of(values: np.ndarray) -> np.ndarray:
-        fitted = _auto_scale(model, spectrum.copy(data=values), cutoff)
-        return np.asarray(fitted.sigma, dtype=np.float64)
-
-    delayed = dask.delayed(sigma_of, pure=True)(spectrum.data)
-    return dsa.from_delayed(delayed, shape=(), dtype=np.float64)
+    return _PendingScale(spectrum, transformed.attrs.get(INPUT_WAVENUMBER_ATTR)).sigma(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,8 +453,10 @@ def downscale(
     scale
         Spatial scale below which the input's patterns are replaced: ``"auto"`` (between 4 and 2 cells
         of the input's grid, where the input's power drops below half the model's target spectrum; see
-        :func:`select_scale`), a length such as ``"150 km"``, a wavenumber in cycles per grid cell, a
-        noise level ``"sigma=0.5"``, or an :class:`xdownscale.Scale`.
+        :func:`select_scale`; with ``qdm=True`` and a ``hist``, resolved on that historical period, so
+        every period gets the same scale: see :func:`plan`), a length such as ``"150 km"``, a
+        wavenumber in cycles per grid cell, a noise level ``"sigma=0.5"``, or an
+        :class:`xdownscale.Scale`.
     members
         Ensemble members per field, from independent noise.
     seed
@@ -453,14 +504,9 @@ def downscale(
     InputError, UnitError, MissingCoordinateError, GridMismatchError, ChunkingError
         Bad input; every message says how to fix it.
     """
-    if method not in METHODS:
-        raise InputError(f"method={method!r}: expected one of {METHODS}.")
-    if not isinstance(members, (int, np.integer)) or members < 1:
-        raise InputError(f"members={members!r}: expected a whole number >= 1.")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise InputError(f"precision={precision!r}: expected 'auto', 'fp32' or 'bf16'.")
     ensemble = _input_ensemble(da)
     if ensemble is not None:
+        _check_call(method, members, precision)
         # an ESM ensemble: each realization is downscaled on its own (its own QDM fit and 'auto'
         # scale) with its own noise, seeded from (seed, index); the seeds become a coordinate
         return _per_realization(
@@ -486,6 +532,318 @@ def downscale(
             qdm_kwargs=qdm_kwargs,
             preserve=preserve,
         )
+    resolved, prepared = _make_plan(
+        da,
+        model=model,
+        method=method,
+        scale=scale,
+        members=members,
+        seed=seed,
+        steps=steps,
+        qdm=qdm,
+        hist=hist,
+        regrid=regrid,
+        lowpass=lowpass,
+        units=units,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        member_dim=member_dim,
+        progress=progress,
+        scale_sample=scale_sample,
+        qdm_kwargs=qdm_kwargs,
+        preserve=preserve,
+    )
+    return resolved._apply(da, prepared)
+
+
+def _check_call(method: str, members: Any, precision: str) -> None:
+    if method not in METHODS:
+        raise InputError(f"method={method!r}: expected one of {METHODS}.")
+    if not isinstance(members, (int, np.integer)) or members < 1:
+        raise InputError(f"members={members!r}: expected a whole number >= 1.")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"precision={precision!r}: expected 'auto', 'fp32' or 'bf16'.")
+
+
+def _is_auto(scale: Any) -> bool:
+    return isinstance(scale, str) and scale.strip().lower() == "auto"
+
+
+@dataclass(frozen=True)
+class _PendingScale:
+    """``scale="auto"`` on lazy data: the reference's mean spectrum (lazy) against the model's, chosen
+    at compute time (:meth:`Plan.compute` or the output's computation)."""
+
+    spectrum: xr.DataArray
+    input_wavenumber: float | None
+
+    def sigma(self, model: Any) -> Any:
+        """sigma(t*) as a lazy dask scalar."""
+        import dask
+        import dask.array as dsa
+
+        def sigma_of(values: np.ndarray) -> np.ndarray:
+            fitted = _auto_scale(model, self.spectrum.copy(data=values), self.input_wavenumber)
+            return np.asarray(fitted.sigma, dtype=np.float64)
+
+        delayed = dask.delayed(sigma_of, pure=True)(self.spectrum.data)
+        return dsa.from_delayed(delayed, shape=(), dtype=np.float64)
+
+    def resolve(self, model: Any) -> Any:
+        return _auto_scale(model, self.spectrum.compute(), self.input_wavenumber)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One downscaling with everything resolved once: the model, the fitted QDM, the scale (and its
+    noise level) and the settings. :meth:`apply` runs it on any period of the same input (a future
+    period with the historical period's QDM and scale); :meth:`to_dict` is its stable fingerprint.
+
+    Made by :func:`plan` (or ``da.downscale.plan(...)``); :func:`downscale` is ``plan(da, ...).apply(da)``.
+    """
+
+    model: Any
+    method: str
+    #: the resolved :class:`xdownscale.Scale`, or a pending ``"auto"`` on lazy data (see :meth:`compute`)
+    scale: Any
+    #: the fitted :class:`xdownscale.QDM`, or None
+    qdm: Any
+    steps: int
+    members: int
+    seed: int
+    regrid: str
+    lowpass: bool
+    units: str | None
+    preserve: str | None
+    device: str
+    batch_size: int
+    precision: str
+    member_dim: bool | None = None
+    progress: bool | None = None
+    scale_arg: Any = "auto"
+
+    @property
+    def scale_resolved(self) -> bool:
+        """False while ``scale="auto"`` waits for lazy data (:meth:`compute` resolves it)."""
+        return not isinstance(self.scale, _PendingScale)
+
+    def compute(self) -> Plan:
+        """This plan with its lazy parts computed: the QDM's quantiles loaded and a pending ``"auto"``
+        scale resolved, so that :meth:`to_dict` and the output's attributes name them."""
+        from .xr.qdm import QDM
+
+        qdm = self.qdm
+        if qdm is not None:
+            qdm = QDM.from_dataset(qdm.to_dataset().compute())
+        scale = self.scale if self.scale_resolved else self.scale.resolve(self.model)
+        if not self.scale_resolved:
+            _check_sigma(scale, self.model)
+        return replace(self, qdm=qdm, scale=scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What determines the output (model identity, method, scale, QDM, settings) as plain JSON types,
+        the same for the same plan in any process; computes the plan's lazy parts first if needed."""
+        p = self if self.scale_resolved else self.compute()
+        scale = p.scale
+        qdm = None
+        if p.qdm is not None:
+            import hashlib
+
+            ds = p.qdm.to_dataset()
+            digest = hashlib.sha256()
+            for name in ("hist_quantiles", "ref_quantiles"):
+                digest.update(np.ascontiguousarray(np.asarray(ds[name].values, dtype=np.float64)).tobytes())
+            qdm = {"kind": p.qdm.kind, "group": p.qdm.group, "nquantiles": int(p.qdm.nquantiles)}
+            qdm["sha256"] = digest.hexdigest()
+        return {
+            "model": {"name": p.model.name, "version": str(p.model.version), "sha256": p.model.sha256},
+            "method": p.method,
+            "scale": {
+                "wavenumber": None if scale.wavenumber is None else float(scale.wavenumber),
+                "wavelength_km": None if scale.wavelength_km is None else float(scale.wavelength_km),
+                "sigma": float(scale.sigma),
+            },
+            "qdm": qdm,
+            "steps": int(p.steps),
+            "members": int(p.members),
+            "seed": int(p.seed),
+            "regrid": p.regrid,
+            "lowpass": bool(p.lowpass),
+            "units": p.units,
+            "preserve": p.preserve,
+            "precision": p.precision,
+        }
+
+    def prepare(self, da: xr.DataArray) -> xr.DataArray:
+        """``da`` as the network sees it under this plan (units, regrid, low-pass, QDM, transform)."""
+        checked, grid, _ = _check_input(da, self.model, self.units)
+        fine = _to_model_grid(
+            checked, grid, self.model, regrid=self.regrid, lowpass=self.lowpass, units=self.units
+        )
+        if self.qdm is not None:
+            fine = _keeping_time_chunks(fine, self.qdm.adjust)
+        return _finish(fine, self.model, True)
+
+    def apply(self, da: xr.DataArray) -> xr.DataArray:
+        """Downscale ``da`` (any period of the input the plan was made for) with this plan; see
+        :func:`downscale` for the output."""
+        if _input_ensemble(da) is not None:
+            raise InputError(
+                f"{_label(da)} has several realizations; a plan belongs to one. Make a plan per "
+                "realization, or call da.downscale.cm(...) on the ensemble."
+            )
+        return self._apply(da, self.prepare(da))
+
+    def _apply(self, da: xr.DataArray, prepared: xr.DataArray) -> xr.DataArray:
+        model = self.model
+        sigma = self.scale.sigma(model) if not self.scale_resolved else float(self.scale.sigma)
+        values = _denoise(
+            prepared,
+            model,
+            method=self.method,
+            sigma=sigma,
+            steps=self.steps,
+            seed=self.seed,
+            members=self.members,
+            device=self.device,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            progress=self.progress,
+            time=find_time(prepared),
+        )
+        out = model.transform.inverse(values)
+        out = out.where(_mask(model))
+        if self.preserve is not None:
+            out = _preserve(out, prepared, da, model, self.preserve)
+        out.attrs = {}
+        out.attrs["units"] = model.variable["units"]
+        source_units = self.units if self.units is not None else getattr(da, "attrs", {}).get("units")
+        if source_units is not None:
+            from .xr.units import convert_units
+
+            out = convert_units(out, str(source_units))
+        if self.members == 1 and not self.member_dim:
+            out = out.isel(member=0, drop=True)
+        out.name = da.name
+        out.attrs.update(
+            _output_attrs(
+                da,
+                model,
+                method=self.method,
+                scale=self.scale if self.scale_resolved else None,
+                scale_arg=self.scale_arg,
+                steps=self.steps,
+                seed=self.seed,
+                members=self.members,
+                qdm=self.qdm if self.qdm is not None else False,
+                preserve=self.preserve,
+            )
+        )
+        return out
+
+
+def _check_sigma(scale: Any, model: Any) -> None:
+    sigma = float(scale.sigma)
+    if not model.sigma_min <= sigma <= model.sigma_max:
+        raise InputError(
+            f"scale {scale} needs noise sigma={sigma:.4g}, outside the model's range "
+            f"[{model.sigma_min}, {model.sigma_max}]. Pick a larger or smaller scale."
+        )
+
+
+def plan(
+    da: xr.DataArray,
+    *,
+    model: Any,
+    method: str = "cm",
+    scale: Any = "auto",
+    members: int = 1,
+    seed: int = 0,
+    steps: int | None = None,
+    qdm: Any = False,
+    hist: Any = None,
+    regrid: str = "bilinear",
+    lowpass: bool = True,
+    units: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    member_dim: bool | None = None,
+    progress: bool | None = None,
+    scale_sample: int = 365,
+    qdm_kwargs: dict[str, Any] | None = None,
+    preserve: bool | str = True,
+) -> Plan:
+    """Resolve a downscaling of ``da`` once: model, units, QDM fit, scale and settings.
+
+    Takes the arguments of :func:`downscale`. ``scale="auto"`` is resolved on the QDM's historical
+    period when ``qdm=True`` is given a ``hist``, otherwise on ``da``: so ``plan(hist_period, qdm=True,
+    ...).apply(future)`` downscales a future period with the historical period's bias correction and
+    scale (a climate-change signal is then not mistaken for a change of scale). On lazy data the
+    ``"auto"`` scale stays lazy until :meth:`Plan.compute` or the output's computation.
+
+    Returns
+    -------
+    Plan
+        ``plan.apply(da)`` downscales; ``plan.to_dict()`` names everything that determines the output.
+    """
+    if _input_ensemble(da) is not None:
+        raise InputError(
+            f"{_label(da)} has several realizations; a plan belongs to one. Select one, e.g. "
+            "da.isel(realization=0), or call da.downscale.cm(...) on the ensemble."
+        )
+    return _make_plan(
+        da,
+        model=model,
+        method=method,
+        scale=scale,
+        members=members,
+        seed=seed,
+        steps=steps,
+        qdm=qdm,
+        hist=hist,
+        regrid=regrid,
+        lowpass=lowpass,
+        units=units,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        member_dim=member_dim,
+        progress=progress,
+        scale_sample=scale_sample,
+        qdm_kwargs=qdm_kwargs,
+        preserve=preserve,
+    )[0]
+
+
+def _make_plan(
+    da: xr.DataArray,
+    *,
+    model: Any,
+    method: str,
+    scale: Any,
+    members: int,
+    seed: int,
+    steps: int | None,
+    qdm: Any,
+    hist: Any,
+    regrid: str,
+    lowpass: bool,
+    units: str | None,
+    device: str | None,
+    batch_size: int | None,
+    precision: str,
+    member_dim: bool | None,
+    progress: bool | None,
+    scale_sample: int,
+    qdm_kwargs: dict[str, Any] | None,
+    preserve: bool | str,
+) -> tuple[Plan, xr.DataArray]:
+    """The :class:`Plan` of ``da`` and ``da`` prepared under it (so downscale prepares it once)."""
+    from .xr.qdm import QDM
+
+    _check_call(method, members, precision)
     # a loaded model the user moved to an accelerator runs there unless device= says otherwise
     placed = getattr(model, "device", None)
     placed = None if placed is None or str(placed) == "cpu" else str(placed)
@@ -503,73 +861,56 @@ def downscale(
     dev = choose_device(device if device is not None else placed)
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
-    source_units = units if units is not None else getattr(da, "attrs", {}).get("units")
-    transformed = prepare(
-        da,
+    rule = _preserve_rule(preserve, model)
+    checked, grid, _ = _check_input(da, model, units)
+    fine = _to_model_grid(checked, grid, model, regrid=regrid, lowpass=lowpass, units=units)
+    fitted = None
+    hist_fine = None
+    if isinstance(qdm, QDM):
+        fitted = qdm
+    elif qdm is True:
+        hist_fine = _hist_fine(fine, model, hist, regrid=regrid, lowpass=lowpass, units=units)
+        fitted = _fit_qdm(hist_fine, model, dict(qdm_kwargs or {}))
+    elif qdm is not False and qdm is not None:
+        raise InputError(f"qdm={qdm!r}: expected True, False or a fitted xdownscale.QDM.")
+    prepared = _finish(_keeping_time_chunks(fine, fitted.adjust) if fitted else fine, model, True)
+    chosen: Any
+    if _is_auto(scale):
+        # one scale for every period: the QDM's historical period when there is one
+        reference = prepared
+        if hist is not None and hist_fine is not None and fitted is not None:
+            reference = _finish(_keeping_time_chunks(hist_fine, fitted.adjust), model, True)
+        if reference.chunks is not None:
+            from .xr.spectra import masked_estimator
+
+            spectrum = _input_psd(reference, scale_sample, masked_estimator(model.target_psd))
+            chosen = _PendingScale(spectrum, reference.attrs.get(INPUT_WAVENUMBER_ATTR))
+        else:
+            chosen = resolve_scale("auto", model, reference, sample=scale_sample)
+    else:
+        chosen = resolve_scale(scale, model, prepared, sample=scale_sample)
+    if not isinstance(chosen, _PendingScale):
+        _check_sigma(chosen, model)
+    resolved = Plan(
         model=model,
+        method=method,
+        scale=chosen,
+        qdm=fitted,
+        steps=steps,
+        members=int(members),
+        seed=int(seed),
         regrid=regrid,
         lowpass=lowpass,
-        qdm=qdm,
-        hist=hist,
         units=units,
-        qdm_kwargs=qdm_kwargs,
-    )
-    time = find_time(transformed)
-    lazy = transformed.chunks is not None
-    if lazy and isinstance(scale, str) and scale.strip().lower() == "auto":
-        chosen = None
-        sigma: Any = _lazy_sigma(transformed, model, scale_sample)
-    else:
-        chosen = resolve_scale(scale, model, transformed, sample=scale_sample)
-        sigma = float(chosen.sigma)
-        if not model.sigma_min <= sigma <= model.sigma_max:
-            raise InputError(
-                f"scale {chosen} needs noise sigma={sigma:.4g}, outside the model's range "
-                f"[{model.sigma_min}, {model.sigma_max}]. Pick a larger or smaller scale."
-            )
-    values = _denoise(
-        transformed,
-        model,
-        method=method,
-        sigma=sigma,
-        steps=steps,
-        seed=seed,
-        members=members,
+        preserve=rule,
         device=str(dev),
-        batch_size=batch_size,
+        batch_size=int(batch_size),
         precision=precision,
+        member_dim=member_dim,
         progress=progress,
-        time=time,
+        scale_arg=scale,
     )
-    out = model.transform.inverse(values)
-    out = out.where(_mask(model))
-    rule = _preserve_rule(preserve, model)
-    if rule is not None:
-        out = _preserve(out, transformed, da, model, rule)
-    out.attrs = {}
-    out.attrs["units"] = model.variable["units"]
-    if source_units is not None:
-        from .xr.units import convert_units
-
-        out = convert_units(out, str(source_units))
-    if members == 1 and not member_dim:
-        out = out.isel(member=0, drop=True)
-    out.name = da.name
-    out.attrs.update(
-        _output_attrs(
-            da,
-            model,
-            method=method,
-            scale=chosen,
-            scale_arg=scale,
-            steps=steps,
-            seed=seed,
-            members=members,
-            qdm=qdm,
-            preserve=rule,
-        )
-    )
-    return out
+    return resolved, prepared
 
 
 def realization_seed(seed: int, index: int) -> int:

@@ -15,9 +15,10 @@ is False (and ``xdownscale_status`` says how many blocks are written and how to 
 The input is opened with each field in one chunk and ``block`` time steps per chunk; this is the
 tool's own choice, so the job does not warn about it.
 
-Before streaming, everything that needs the whole input is fixed once: ``scale="auto"`` is resolved
-from a sample of the input, and a QDM requested with ``qdm_hist`` is fitted on that period. Both are
-recorded in the store's attributes, and a resumed job reuses them.
+Before streaming, everything that needs the whole input is fixed once in a :class:`xdownscale.Plan`: a
+QDM requested with ``qdm_hist`` is fitted on that period, and ``scale="auto"`` is resolved from a sample
+of that period (of the whole input without ``qdm_hist``). The plan's fingerprint
+(:meth:`xdownscale.Plan.to_dict`) is recorded in the store's attributes; a resumed job must match it.
 """
 
 from __future__ import annotations
@@ -161,10 +162,8 @@ def downscale_to_store(
     Path
         The output path.
     """
-    from .api import downscale, prepare, qdm_defaults, resolve_scale
-    from .models import resolve_model
+    from .api import plan
     from .xr.cf import find_time
-    from .xr.qdm import QDM
 
     out = Path(out)
     if out.suffix not in (".zarr", ".nc"):
@@ -174,55 +173,27 @@ def downscale_to_store(
         warnings.filterwarnings(
             "ignore", message=".*QDM needs the whole time series", category=PerformanceWarning
         )
-        model = resolve_model(model)
         time = str(find_time(da))
-        fitted = None
-        if qdm_hist is not None:
-            hist_fine = prepare(
-                da.sel({time: qdm_hist}),
-                model=model,
-                transform=False,
-                **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
+        if qdm_hist is not None and da.sel({time: qdm_hist}).sizes[time] == 0:
+            raise InputError(
+                f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
             )
-            if hist_fine.sizes[time] == 0:
-                raise InputError(
-                    f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
-                )
-            fitted = QDM.from_quantiles(model.reference_quantiles, hist_fine, **qdm_defaults(model))
-            fitted = QDM.from_dataset(fitted.to_dataset().compute())
-        chosen = scale
-        if isinstance(scale, str) and scale.strip().lower() == "auto":
-            transformed = prepare(
-                da,
-                model=model,
-                qdm=fitted if fitted is not None else False,
-                **{k: v for k, v in kwargs.items() if k in ("regrid", "lowpass", "units")},
-            )
-            chosen = resolve_scale("auto", model, transformed)
-        config = dict(
-            model=model.name,
-            sha256=model.sha256,
-            method=method,
-            scale=str(chosen),
-            members=members,
-            seed=seed,
-            steps=steps,
-            qdm_hist=str(qdm_hist),
-            block=block,
-        )
-        fingerprint = _fingerprint(da, **config)
-        result = downscale(
+        # everything that needs the whole input, resolved once and computed: the QDM fit and the scale
+        job = plan(
             da,
             model=model,
             method=method,
-            scale=chosen,
+            scale=scale,
             members=members,
             seed=seed,
             steps=steps,
-            qdm=fitted if fitted is not None else False,
+            qdm=qdm_hist is not None,
+            hist=qdm_hist,
             progress=False,
             **kwargs,
-        )
+        ).compute()
+        fingerprint = _fingerprint(da, **job.to_dict(), qdm_hist=str(qdm_hist), block=block)
+        result = job.apply(da)
     result.attrs["history"] = result.attrs.get("history", "").split("\n")[-1]
     if out.suffix == ".nc":
         if out.exists() and not resume:
