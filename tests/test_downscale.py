@@ -401,3 +401,20 @@ def test_a_loaded_model_moved_to_an_accelerator_runs_there(cm_model, coarse):
     assert out.sizes["time"] == 1
     with pytest.raises(InputError, match=r"model=3 is not a model name, a path to a model"):
         xdownscale.models.resolve_model(3)
+
+
+def test_output_far_outside_the_training_range_is_flagged(cm_model, coarse):
+    """An undertrained model or an out-of-distribution input: values beyond twice the training maximum."""
+    x = coarse.isel(time=slice(0, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", xdownscale.errors.XDownscaleWarning)
+        x.downscale.cm(model=cm_model.path, scale="200 km", progress=False)  # in range: silent
+    huge = (x * 500.0).assign_attrs(x.attrs)  # the synthetic training data reach 1300 mm/day
+    top = cm_model.transform.data_max
+    with pytest.warns(
+        xdownscale.errors.XDownscaleWarning, match=r"far outside model 'tiny-cm''s training range"
+    ):
+        huge.downscale.cm(model=cm_model.path, scale="200 km", progress=False)
+    lazy = huge.chunk({"time": 1}).downscale.cm(model=cm_model.path, scale="200 km")
+    with pytest.warns(xdownscale.errors.XDownscaleWarning, match=rf"training range \[0, {top:.4g}\]"):
+        lazy.compute()

@@ -46,6 +46,9 @@ INPUT_WAVENUMBER_ATTR = "xdownscale_input_wavenumber"
 #: precipitation below this (in the model's units, mm/day) counts as a dry day in QDM: such values are
 #: jittered before fitting/adjusting and set back to 0 afterwards
 DRY_DAY_THRESHOLD = 0.05
+#: output beyond the model's training data range by more than this many times the range's span draws a
+#: warning (e.g. above twice the training maximum for precipitation)
+RANGE_MARGIN = 1.0
 MAX_FIELD_BYTES = 2**31  # one horizontal field larger than this cannot be made a single chunk
 
 
@@ -716,6 +719,7 @@ class Plan:
         out = out.where(_mask(model))
         if self.preserve is not None:
             out = _preserve(out, prepared, da, model, self.preserve)
+        out = _flag_out_of_range(out, model)
         out.attrs = {}
         out.attrs["units"] = model.variable["units"]
         source_units = self.units if self.units is not None else getattr(da, "attrs", {}).get("units")
@@ -741,6 +745,38 @@ class Plan:
             )
         )
         return out
+
+
+def _flag_out_of_range(out: xr.DataArray, model: Any) -> xr.DataArray:
+    """``out`` (model units) unchanged; warns (when computed, for dask) when values lie beyond the model's
+    training data range by more than :data:`RANGE_MARGIN` times its span: an undertrained model, or an
+    input far out of distribution."""
+    t = model.transform
+    if getattr(t, "data_min", None) is None or getattr(t, "data_max", None) is None:
+        return out
+    span = float(t.data_max) - float(t.data_min)
+    lo, hi = float(t.data_min) - RANGE_MARGIN * span, float(t.data_max) + RANGE_MARGIN * span
+    units = model.variable["units"]
+
+    def check(block: np.ndarray) -> np.ndarray:
+        x = np.asarray(block)
+        bad = np.isfinite(x) & ((x < lo) | (x > hi))
+        if bad.any():
+            warnings.warn(
+                f"{int(bad.sum())} of {x.size} output values ({float(np.nanmin(x)):.4g} to "
+                f"{float(np.nanmax(x)):.4g} {units}) lie far outside model '{model.name}''s training range "
+                f"[{t.data_min:.4g}, {t.data_max:.4g}] {units}: the model may be undertrained (see the "
+                "validation in its card) or the input far from its training data (check the units, "
+                "try qdm=True or a smaller scale).",
+                XDownscaleWarning,
+                stacklevel=2,
+            )
+        return block
+
+    if out.chunks is None:
+        check(out.values)
+        return out
+    return out.copy(data=out.data.map_blocks(check, dtype=out.dtype))
 
 
 def _check_sigma(scale: Any, model: Any) -> None:
