@@ -337,6 +337,28 @@ def test_members_do_not_depend_on_batch(tiny_models):
     assert not np.allclose(a.values, c.values)
 
 
+@pytest.mark.filterwarnings("ignore:steps=8")
+def test_dask_background_is_assimilated_lazily_window_by_window(tiny_models):
+    from xdownscale.assimilate import sda
+
+    truth = _state(8, 8, 5, seed=7)
+    st = _stations(truth, np.array([1, 4, 6]), np.array([2, 5, 3]))
+    st[3:] = np.nan  # the second window has no station value: it is analysed with the background alone
+    kw = dict(model=tiny_models["sda"], stations_std=0.3, members=2, steps=8, seed=1)
+    lazy = sda(truth.chunk(time=3), stations=st, **kw)
+    assert lazy.chunks is not None and lazy.chunks[0] == (3, 2)  # nothing sampled yet: one task per window
+    assert lazy.dims == ("time", "member", "lat", "lon") and lazy.attrs["units"] == "K"
+    eager = [sda(truth.isel(time=slice(0, 3)), stations=st, **kw), sda(truth.isel(time=slice(3, 5)), **kw)]
+    np.testing.assert_allclose(lazy.values, xr.concat(eager, "time").values, rtol=1e-5, atol=1e-5)
+    # one window is one joint analysis, the same as in memory
+    np.testing.assert_allclose(
+        sda(truth.chunk(time=-1), stations=st, **kw).values, sda(truth, stations=st, **kw).values, atol=1e-5
+    )
+    late = st.assign_coords(time=st.time + np.timedelta64(30, "D"))
+    with pytest.raises(InputError, match="No time step of stations"):  # at the call, not at compute
+        sda(truth.chunk(time=3), stations=late, **kw)
+
+
 @pytest.mark.filterwarnings("ignore:steps=2")
 def test_api_errors(tiny_models, tmp_path):
     from xdownscale.assimilate import sda, slams

@@ -24,6 +24,7 @@ are sampled at once.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import warnings
 from collections.abc import Mapping
@@ -177,7 +178,117 @@ def _check_plausible(phys: np.ndarray, m: Any, label: str) -> None:
         )
 
 
+def _time_windows(background: xr.DataArray) -> list[slice] | None:
+    """The background's dask chunks along time as slices (None for a background in memory)."""
+    if not isinstance(background, xr.DataArray) or background.chunks is None:
+        return None
+    sizes = background.chunks[background.dims.index(find_time(background))]
+    bounds = np.cumsum((0, *sizes))
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _during(obs: xr.DataArray, times: np.ndarray) -> xr.DataArray | None:
+    """``obs`` on the time steps from ``times[0]`` to ``times[-1]`` (None when it has none)."""
+    t = np.asarray(obs[find_time(obs)].values)
+    keep = np.nonzero((t >= times[0]) & (t <= times[-1]))[0]
+    return obs.isel({find_time(obs): keep}) if keep.size else None
+
+
+def _observed(da: xr.DataArray | None) -> xr.DataArray | None:
+    """``da`` when it has any value (a window may have no observation of a modality), else None."""
+    return da if da is not None and bool(np.isfinite(np.asarray(da.values)).any()) else None
+
+
+def _window(
+    kind: str,
+    background: xr.DataArray,
+    stations: xr.DataArray | None,
+    satellite: xr.DataArray | None,
+    observations: dict[str, tuple[xr.DataArray | None, Any]],
+    options: dict[str, Any],
+    dry: bool = False,
+) -> xr.DataArray:
+    """The analysis of one window (a dask task: its inputs arrive in memory); modalities without a value
+    in the window are left out of it."""
+    others = {k: (v, std) for k, (da, std) in observations.items() if (v := _observed(da)) is not None}
+    return _assimilate_eager(
+        kind,
+        background,
+        stations=_observed(stations),
+        satellite=_observed(satellite),
+        observations=others,
+        _dry=dry,
+        **options,
+    )
+
+
 def _assimilate(
+    kind: str,
+    background: xr.DataArray,
+    *,
+    stations: xr.DataArray | None,
+    satellite: xr.DataArray | None,
+    observations: Mapping[str, tuple[xr.DataArray, Any]] | None,
+    **options: Any,
+) -> xr.DataArray:
+    """In memory for a background in memory; lazily, one analysis per time chunk, for a dask one."""
+    windows = _time_windows(background)
+    if windows is None:
+        return _assimilate_eager(
+            kind, background, stations=stations, satellite=satellite, observations=observations, **options
+        )
+    import dask
+    import dask.array as dsa
+
+    tname = find_time(background)
+    given = {"stations": stations, "satellite": satellite}
+    for name, value in (observations or {}).items():
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], xr.DataArray)):
+            raise InputError(
+                f"observations['{name}'] must be a tuple (DataArray, error std), got {type(value).__name__}."
+            )
+        given[str(name)] = value[0]
+    for name, da in given.items():
+        if da is not None and not isinstance(da, xr.DataArray):
+            raise InputError(f"{name} must be an xarray.DataArray, got {type(da).__name__}.")
+    all_times = np.asarray(background[tname].values)
+    for name, da in given.items():
+        if da is not None and all_times.size and _during(da, all_times) is None:
+            raise InputError(
+                f"No time step of {name} ({da.name!r}) lies within the background's "
+                f"({all_times[0]} .. {all_times[-1]}). Select overlapping dates."
+            )
+
+    def inputs(window: slice) -> tuple[Any, ...]:
+        bg = background.isel({tname: window})
+        times = np.asarray(bg[tname].values)
+
+        def pick(da: xr.DataArray | None) -> xr.DataArray | None:
+            return None if da is None else _during(da, times)
+
+        obs = {str(k): (pick(v[0]), v[1]) for k, v in (observations or {}).items()}
+        return bg, pick(stations), pick(satellite), obs
+
+    # the first window is checked at once (and gives the metadata): errors come at the call, not at compute
+    bg0, st0, sa0, obs0 = dask.compute(*inputs(windows[0]))
+    meta = _window(kind, bg0, st0, sa0, obs0, options, dry=True)
+    parts = []
+    for window in windows:
+        task = dask.delayed(_window, pure=False)(kind, *inputs(window), options)
+        values = dask.delayed(lambda a: a.transpose(*meta.dims).values, pure=False)(task)
+        shape = (window.stop - window.start, *meta.shape[1:])
+        parts.append(dsa.from_delayed(values, shape=shape, dtype=meta.dtype))
+    coords = {k: v for k, v in meta.coords.items() if tname not in v.dims}
+    return xr.DataArray(
+        dsa.concatenate(parts, axis=0),
+        dims=meta.dims,
+        coords={tname: background[tname], **coords},
+        name=meta.name,
+        attrs=meta.attrs,
+    )
+
+
+def _assimilate_eager(
     kind: str,
     background: xr.DataArray,
     *,
@@ -198,6 +309,7 @@ def _assimilate(
     device: str | None,
     batch_size: int | None,
     progress: bool | None,
+    _dry: bool = False,
 ) -> xr.DataArray:
     import torch
 
@@ -381,44 +493,51 @@ def _assimilate(
         )
 
     shared = [modality(*mod) for mod in mods]
-    t0 = np.asarray(times.values[:1]).astype("datetime64[ns]").astype(np.int64)[0] if n_time else 0
-    keys = [sample_key("assimilate", kind, int(t0), int(n_time), member) for member in range(members)]
-    bsz = int(batch_size or members)
-    groups = [[k for k in range(members) if k % n_bg == b] for b in range(n_bg)]
-    batches = [(b, g[i : i + bsz]) for b, g in enumerate(groups) for i in range(0, len(g), bsz)]
-    outs: dict[int, np.ndarray] = {}
-    bar = None
-    if _auto_progress(progress, steps * (1 + corrections) * members * max(length - K + 1, 1)):
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * len(batches), desc=f"{kind} analysis", leave=False)
-    posteriors: dict[int, PosteriorEps] = {}
-    for b, idx in batches:
-        if b not in posteriors:
-            posteriors[b] = PosteriorEps(
-                prior, [modality(*bg_mods[b]), *shared], sde, gamma=gamma, decoder=decoder, steps=steps
+    def sample() -> np.ndarray:
+        """(member, time, ny, nx) in the model space."""
+        t0 = np.asarray(times.values[:1]).astype("datetime64[ns]").astype(np.int64)[0] if n_time else 0
+        keys = [sample_key("assimilate", kind, int(t0), int(n_time), member) for member in range(members)]
+        bsz = int(batch_size or members)
+        groups = [[k for k in range(members) if k % n_bg == b] for b in range(n_bg)]
+        batches = [(b, g[i : i + bsz]) for b, g in enumerate(groups) for i in range(0, len(g), bsz)]
+        outs: dict[int, np.ndarray] = {}
+        bar = None
+        if _auto_progress(progress, steps * (1 + corrections) * members * max(length - K + 1, 1)):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps * len(batches), desc=f"{kind} analysis", leave=False)
+        posteriors: dict[int, PosteriorEps] = {}
+        for b, idx in batches:
+            if b not in posteriors:
+                posteriors[b] = PosteriorEps(
+                    prior, [modality(*bg_mods[b]), *shared], sde, gamma=gamma, decoder=decoder, steps=steps
+                )
+            noise = KeyedNoise([keys[k] for k in idx], seed=int(seed), shape=sample_shape, device=dev)
+            x = sample_vp(
+                posteriors[b],
+                (len(noise), *sample_shape),
+                noise=noise,
+                sde=sde,
+                steps=steps,
+                corrections=corrections,
+                tau=tau,
+                callback=(lambda _: bar.update(1)) if bar else None,
             )
-        noise = KeyedNoise([keys[k] for k in idx], seed=int(seed), shape=sample_shape, device=dev)
-        x = sample_vp(
-            posteriors[b],
-            (len(noise), *sample_shape),
-            noise=noise,
-            sde=sde,
-            steps=steps,
-            corrections=corrections,
-            tau=tau,
-            callback=(lambda _: bar.update(1)) if bar else None,
-        )
-        with torch.no_grad():
-            state = decoder(x) if decoder is not None else x
-        for member_k, field_k in zip(idx, state[:, :n_time, 0].cpu().numpy(), strict=True):
-            outs[member_k] = field_k
-    if bar is not None:
-        bar.close()
-    analysis = np.stack([outs[j] for j in range(members)])  # (member, time, ny, nx) in the model space
+            with torch.no_grad():
+                state = decoder(x) if decoder is not None else x
+            for member_k, field_k in zip(idx, state[:, :n_time, 0].cpu().numpy(), strict=True):
+                outs[member_k] = field_k
+        if bar is not None:
+            bar.close()
+        return np.stack([outs[j] for j in range(members)])
+
+    # a dry run (the first window of a lazy analysis) checks the inputs and builds the metadata only
+    analysis = np.zeros((members, n_time, ny, nx), np.float32) if _dry else sample()
     phys = np.asarray(m.from_model_space(analysis), dtype=np.float32)
     phys = np.where(mask[None, None], phys, np.nan).transpose(1, 0, 2, 3)
-    _check_plausible(phys, m, label)
+    if not _dry:
+        _check_plausible(phys, m, label)
     ydim, xdim = m.card["grid"]["dims"]
     out = xr.DataArray(
         phys,
@@ -795,7 +914,11 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
     -------
     xarray.DataArray
         ``(time, member, lat, lon)`` on the model grid, in the background's units (the model's when the
-        background has none), with CF attributes and a history entry. Observation operators act on the
+        background has none), with CF attributes and a history entry. For a dask-backed background the
+        result is lazy: each time chunk is one analysis window, sampled when computed with only its own
+        data in memory (the first window's inputs are checked at the call). Windows are analysed
+        independently, so the result depends on the time chunks (the same chunks give the same result;
+        one chunk gives the in-memory analysis); choose chunks of at least the model's window. Observation operators act on the
         state in physical units (precipitation is averaged and interpolated as amounts, not as
         logarithms); the likelihood compares them as ``likelihood`` says.
 
