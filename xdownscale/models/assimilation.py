@@ -459,7 +459,8 @@ def train_assimilation(
     from ..transforms import LogNormalize
     from ..xr.cf import find_time
     from ..xr.observations import station_indices
-    from .train import STANDARD_NAMES, _frequency, _grid_card, _prepare, _select_variable
+    from .checkpoint import latest_checkpoint, unflatten_optimizer
+    from .data import STANDARD_NAMES, frequency, grid_card, prepare_field, select_variable
 
     if kind not in ASSIMILATION_KINDS:
         raise InputError(f"kind={kind!r} is not an assimilation model kind; use 'slams' or 'sda'.")
@@ -476,8 +477,8 @@ def train_assimilation(
     out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    da, _ = _select_variable(state, variable)
-    da, qkind, grid = _prepare(da, cfg["units"])
+    da, _ = select_variable(state, variable)
+    da, qkind, grid = prepare_field(da, cfg["units"])
     time_name = find_time(da)
     times = np.asarray(da[time_name].values)
     starts = _windows(times, window)
@@ -554,7 +555,7 @@ def train_assimilation(
     step = 0
     history: list[dict[str, Any]] = []
 
-    ckpt = _latest(out) if resume else None
+    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         state_json = json.loads((ckpt / "state.json").read_text())
         old = state_json["config"]
@@ -569,11 +570,10 @@ def train_assimilation(
         _load_prefixed(ema, tensors, "ema.")
         if ae is not None:
             _load_prefixed(ae, tensors, "ae.")
-        from .train import _unflatten_optimizer
 
-        opt.load_state_dict(_unflatten_optimizer(_sub(tensors, "opt."), state_json["opt"]))
+        opt.load_state_dict(unflatten_optimizer(_sub(tensors, "opt."), state_json["opt"]))
         if opt_ae is not None and state_json.get("opt_ae"):
-            opt_ae.load_state_dict(_unflatten_optimizer(_sub(tensors, "opt_ae."), state_json["opt_ae"]))
+            opt_ae.load_state_dict(unflatten_optimizer(_sub(tensors, "opt_ae."), state_json["opt_ae"]))
         step = int(state_json["step"])
         history = state_json["history"]
         gen.set_state(tensors["rng.batches"])
@@ -663,8 +663,8 @@ def train_assimilation(
         "architecture": {"class": "UNet", "config": net.config},
         "autoencoder": None if ae is None else {"class": "Autoencoder", "config": ae.config},
         "variable": var_attrs,
-        "grid": _grid_card(da, grid),
-        "frequency": _frequency(times),
+        "grid": grid_card(da, grid),
+        "frequency": frequency(times),
         "assimilation": {
             "window": window,
             "eta": ETA,
@@ -720,12 +720,6 @@ def _encode_all(
     return (raw - ae.z_mean.cpu()[:, None, None]) / ae.z_std.cpu()[:, None, None]
 
 
-def _latest(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
 def _checkpoint(
     out: Path,
     step: int,
@@ -738,7 +732,7 @@ def _checkpoint(
     opt_ae: torch.optim.Optimizer | None,
     gen: torch.Generator,
 ) -> Path:
-    from .train import _flatten_optimizer
+    from .checkpoint import flatten_optimizer
 
     root = out / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -750,11 +744,11 @@ def _checkpoint(
     tensors.update({"ema." + k: v for k, v in ema.state_dict().items()})
     if ae is not None:
         tensors.update({"ae." + k: v for k, v in ae.state_dict().items()})
-    opt_t, opt_meta = _flatten_optimizer(opt)
+    opt_t, opt_meta = flatten_optimizer(opt)
     tensors.update({"opt." + k: v for k, v in opt_t.items()})
     meta_ae = None
     if opt_ae is not None:
-        t_ae, meta_ae = _flatten_optimizer(opt_ae)
+        t_ae, meta_ae = flatten_optimizer(opt_ae)
         tensors.update({"opt_ae." + k: v for k, v in t_ae.items()})
     tensors["rng.batches"] = gen.get_state()
     write_safetensors(tmp / "weights.safetensors", tensors)

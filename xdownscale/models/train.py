@@ -27,9 +27,7 @@ continues exactly as if training had not been interrupted (bitwise on the CPU).
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -42,10 +40,19 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import xarray as xr
 
 from ..errors import InputError
 from .card import CARD_FORMAT, KINDS, jsonable
+from .checkpoint import CHECKPOINT_FORMAT, flatten_optimizer, latest_checkpoint, unflatten_optimizer
+from .data import (
+    STANDARD_NAMES,
+    frequency,
+    grid_card,
+    iso_date,
+    prepare_field,
+    select_variable,
+    split_validation,
+)
 from .io import read_safetensors, save_model, write_safetensors
 from .model import build_network
 
@@ -53,9 +60,6 @@ __all__ = ["LOSSES", "train"]
 
 #: losses per model kind; the first is the default
 LOSSES = {"cm": ("ect", "ict", "ct"), "sde": ("dsm",)}
-CANONICAL_UNITS = {"precipitation": "mm/day", "temperature": "K"}
-STANDARD_NAMES = {"precipitation": "lwe_precipitation_rate", "temperature": "air_temperature"}
-CHECKPOINT_FORMAT = "xdownscale-checkpoint/1"
 NQUANTILES = 500
 
 # configuration entries that must agree to resume a run
@@ -81,247 +85,6 @@ _IDENTITY = (
     "eps",
     "data_sha256",
 )
-
-
-# ---------------------------------------------------------------------------------------------- data
-def _expand_paths(data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    paths: list[Path] = []
-    for item in items:
-        text = os.fspath(item)
-        if any(c in text for c in "*?["):
-            matches = sorted(glob.glob(text))
-            if not matches:
-                raise InputError(f"The pattern '{text}' matches no file.")
-            paths += [Path(m) for m in matches]
-        else:
-            path = Path(text).expanduser()
-            if not path.exists():
-                raise InputError(f"Training data file '{text}' does not exist.")
-            paths.append(path)
-    if not paths:
-        raise InputError("No training data given: pass a DataArray, a Dataset, or netCDF / zarr paths.")
-    return paths
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr" or (
-        path.is_dir() and any((path / f).exists() for f in (".zgroup", "zarr.json"))
-    )
-
-
-def _open_files(paths: list[Path]) -> xr.Dataset:
-    zarr = [_is_zarr(p) for p in paths]
-    if all(zarr):
-        parts = [xr.open_zarr(p) for p in paths]
-        if len(parts) == 1:
-            return parts[0]
-        return cast(xr.Dataset, xr.combine_by_coords(parts, combine_attrs="drop_conflicts"))
-    if any(zarr):
-        raise InputError("Pass either netCDF files or zarr stores as training data, not a mix of both.")
-    try:
-        return xr.open_mfdataset([str(p) for p in paths], combine="by_coords", combine_attrs="drop_conflicts")
-    except ValueError as err:
-        raise InputError(f"Cannot combine the training files {[p.name for p in paths]}: {err}") from err
-
-
-def _select_variable(data: Any, variable: str | None) -> tuple[xr.DataArray, str]:
-    """The DataArray to train on and a short description of where it came from."""
-    if isinstance(data, xr.DataArray):
-        name = variable or (str(data.name) if data.name is not None else None)
-        if name is None:
-            raise InputError("The training DataArray has no name; pass variable='pr' (or its name).")
-        return data.rename(name), f"DataArray '{name}'"
-    if isinstance(data, xr.Dataset):
-        ds, source = data, "Dataset"
-    else:
-        paths = _expand_paths(data)
-        ds, source = _open_files(paths), ", ".join(p.name for p in paths)
-    names = [str(v) for v in ds.data_vars]
-    if variable is None:
-        if len(names) != 1:
-            raise InputError(
-                f"The training data hold the variables {names}; pass variable= with the one to train on."
-            )
-        variable = names[0]
-    if variable not in ds.data_vars:
-        raise InputError(
-            f"Variable '{variable}' is not in the training data ({source}); its variables are "
-            f"{', '.join(map(repr, names)) or 'none'}. Pass variable= with one of them."
-        )
-    return ds[variable], source
-
-
-def _prepare(da: xr.DataArray, units: str | None) -> tuple[xr.DataArray, str, Any]:
-    """(time, y, x) layout in canonical units; returns (da, quantity kind, grid)."""
-    from ..xr.cf import find_grid, find_time, require_float, standard_layout
-    from ..xr.units import convert_units, quantity_kind
-
-    time = find_time(da, required=True)
-    grid = find_grid(da)
-    extra = [d for d in da.dims if d not in (time, grid.ydim, grid.xdim)]
-    for d in extra:
-        if da.sizes[d] != 1:
-            raise InputError(
-                f"'{da.name}' has the dimension '{d}' of size {da.sizes[d]} besides time, "
-                f"'{grid.ydim}' and '{grid.xdim}'; select one, e.g. da.isel({d}=0)."
-            )
-    da = da.isel({d: 0 for d in extra}, drop=True) if extra else da
-    da = require_float(da)
-    da = standard_layout(da, grid).transpose(time, grid.ydim, grid.xdim)
-    if not da.indexes[time].is_monotonic_increasing:
-        da = da.sortby(time)
-    kind = quantity_kind(da, units)
-    if kind in CANONICAL_UNITS:
-        da = convert_units(da, CANONICAL_UNITS[kind], units=units)
-    elif units is not None:
-        da = da.assign_attrs(units=units)
-    return da, kind, find_grid(da)
-
-
-def _parse_period(value: Any) -> slice:
-    if isinstance(value, slice):
-        return value
-    if isinstance(value, str):
-        if "/" not in value:
-            return slice(value, value)
-        start, stop = value.split("/", 1)
-        return slice(start.strip() or None, stop.strip() or None)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return slice(*value)
-    raise InputError(
-        f"val_time={value!r} is not a time period; pass slice('1996-12', '1997-02'), "
-        "('1996-12', '1997-02') or the string '1996-12/1997-02'."
-    )
-
-
-def _iso(value: Any) -> str:
-    if isinstance(value, np.datetime64):
-        return str(np.datetime_as_string(value, unit="D"))
-    if hasattr(value, "isoformat"):
-        return str(value.isoformat())[:10]
-    return str(value)
-
-
-def _frequency(times: np.ndarray) -> str | None:
-    """ "1D" for daily data, "6h" for 6-hourly ... (median time step), None if it cannot be told."""
-    if len(times) < 2:
-        return None
-    try:
-        steps = np.diff(xr.DataArray(times, dims="t").astype("datetime64[s]").values).astype(np.int64)
-    except (TypeError, ValueError):
-        try:
-            steps = np.array([(b - a).total_seconds() for a, b in itertools.pairwise(times)])
-        except (TypeError, AttributeError):
-            return None
-    seconds = float(np.median(steps))
-    if seconds > 0 and seconds % 86400 == 0:
-        return f"{int(seconds // 86400)}D"
-    if seconds > 0 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    return None
-
-
-def _split(da: xr.DataArray, val_time: Any, val_fraction: float) -> tuple[xr.DataArray, xr.DataArray | None]:
-    time = da.dims[0]
-    n = da.sizes[time]
-    val_da: xr.DataArray | None
-    if val_time is not None:
-        period = _parse_period(val_time)
-        try:
-            selected = da[time].sel({time: period}).values
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(
-                f"val_time={val_time!r} cannot select times of the training data: {err}"
-            ) from err
-        chosen = np.isin(da[time].values, selected)
-        if not chosen.any():
-            raise InputError(
-                f"val_time={val_time!r} selects no time step; the data span "
-                f"{_iso(da[time].values[0])} to {_iso(da[time].values[-1])}."
-            )
-        train_da, val_da = da.isel({time: np.flatnonzero(~chosen)}), da.isel({time: np.flatnonzero(chosen)})
-    else:
-        if not (0.0 <= float(val_fraction) < 1.0):
-            raise InputError(f"val_fraction must be in [0, 1); got {val_fraction!r}.")
-        n_val = math.ceil(n * float(val_fraction)) if val_fraction > 0 else 0
-        train_da = da.isel({time: slice(0, n - n_val)})
-        val_da = da.isel({time: slice(n - n_val, n)}) if n_val else None
-    if train_da.sizes[time] < 2:
-        raise InputError(
-            f"Too few time steps to train: {n} in the data, {train_da.sizes[time]} left for training after "
-            "the validation split. Pass more data, a smaller val_fraction or another val_time."
-        )
-    return train_da, val_da
-
-
-def _grid_card(da: xr.DataArray, grid: Any) -> dict[str, Any]:
-    from ..xr.cf import grid_spacing_km
-
-    defaults = {
-        grid.lat: {"standard_name": "latitude", "units": "degrees_north"},
-        grid.lon: {"standard_name": "longitude", "units": "degrees_east"},
-    }
-    names = [grid.lat, grid.lon] + [
-        d for d in (grid.ydim, grid.xdim) if d in da.coords and d not in (grid.lat, grid.lon)
-    ]
-    coords = {}
-    for name in names:
-        c = da[name]
-        attrs = {
-            **defaults.get(name, {}),
-            **{k: v for k, v in c.attrs.items() if isinstance(v, (str, int, float))},
-        }
-        coords[name] = {
-            "dims": [str(d) for d in c.dims],
-            "values": np.asarray(c.values, dtype=np.float64),
-            "attrs": attrs,
-        }
-    return {
-        "dims": [grid.ydim, grid.xdim],
-        "shape": [int(da.sizes[grid.ydim]), int(da.sizes[grid.xdim])],
-        "lat": grid.lat,
-        "lon": grid.lon,
-        "coords": coords,
-        "periodic": bool(grid.periodic),
-        "curvilinear": bool(grid.curvilinear),
-        "spacing_km": list(grid_spacing_km(da, grid)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- state
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{key}"] = value
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    done = (
-        sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
-        if root.is_dir()
-        else []
-    )
-    return done[-1] if done else None
 
 
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -405,7 +168,7 @@ class _Trainer:
         tmp.mkdir()
         for name, net in self.networks().items():
             write_safetensors(tmp / f"{name}.safetensors", net.state_dict())
-        opt_tensors, opt_meta = _flatten_optimizer(self.opt)
+        opt_tensors, opt_meta = flatten_optimizer(self.opt)
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         rng = {
             "batches": self.batch_gen.get_state(),
@@ -440,7 +203,7 @@ class _Trainer:
             tensors, _ = read_safetensors(path / f"{name}.safetensors")
             net.load_state_dict(tensors, strict=True)
         opt_tensors, _ = read_safetensors(path / "optimizer.safetensors")
-        self.opt.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+        self.opt.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"]))
         rng, _ = read_safetensors(path / "rng.safetensors")
         self.batch_gen.set_state(rng["batches"])
         self.noise_gen.set_state(rng["noise"])
@@ -620,11 +383,11 @@ def train(
     )
 
     # ---- data
-    raw, source = _select_variable(data, variable)
-    da, quantity, grid = _prepare(raw, units)
+    raw, source = select_variable(data, variable)
+    da, quantity, grid = prepare_field(raw, units)
     variable = str(da.name)
     ny, nx = grid.shape(da)
-    train_da, val_da = _split(da, val_time, val_fraction)
+    train_da, val_da = split_validation(da, val_time, val_fraction)
     train_phys = np.ascontiguousarray(train_da.values, dtype=np.float32)
     val_phys = np.ascontiguousarray(val_da.values, dtype=np.float32) if val_da is not None else None
     allnan = np.isnan(train_phys).all(axis=0)
@@ -688,7 +451,7 @@ def train(
 
     arch = jsonable(next(m for m in trainer.model.modules() if isinstance(m, UNet)).config)
     config["architecture"] = arch
-    latest = _latest_checkpoint(out)
+    latest = latest_checkpoint(out)
     if latest is not None:
         old = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"]
         if not resume:
@@ -907,13 +670,15 @@ def train(
             "kind": quantity,
             "transform": transform.to_dict(),
         },
-        "frequency": _frequency(times),
-        "grid": _grid_card(da, grid),
+        "frequency": frequency(times),
+        "grid": grid_card(da, grid),
         "sigma": sigma,
         "training": {
             "data": description or source,
-            "period": [_iso(times[0]), _iso(times[-1])],
-            "validation_period": None if val_times is None else [_iso(val_times[0]), _iso(val_times[-1])],
+            "period": [iso_date(times[0]), iso_date(times[-1])],
+            "validation_period": None
+            if val_times is None
+            else [iso_date(val_times[0]), iso_date(val_times[-1])],
             "n_train": config["n_train"],
             "n_val": config["n_val"],
             "licence": licence
