@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from xdownscale.core.rng import KeyedNoise
-from xdownscale.core.samplers import generate_sde, sample_em, sde_bridge
+from xdownscale.core.samplers import em_sigmas, generate_sde, sample_em, sde_bridge
 from xdownscale.core.sde import VESDE, ScoreModel, dsm_loss
 from xdownscale.errors import InputError
 from xdownscale.nets.unet import UNet
@@ -105,7 +106,8 @@ def test_em_from_an_intermediate_time() -> None:
     x = mu + math.sqrt(s**2 + sig0**2) * torch.randn(
         shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
     )
-    out = sample_em(GaussianScore(mu, s), x, t0, steps=250, noise=torch_noise(shape, 2))
+    model = GaussianScore(mu, s)
+    out = sample_em(model, x, em_sigmas(model, t0, steps=250), noise=torch_noise(shape, 2))
     assert abs(out.mean().item() - mu) < 0.03 * s
     assert out.std().item() == pytest.approx(s, rel=0.03)
 
@@ -174,12 +176,28 @@ def test_sampler_errors() -> None:
     x = torch.zeros(1, 1, 2, 2)
     noise = torch_noise((1, 1, 2, 2))
     with pytest.raises(InputError, match="steps must be >= 1"):
-        sample_em(model, x, 0.5, steps=0, noise=noise)
+        em_sigmas(model, 0.5, steps=0)
     with pytest.raises(InputError, match=r"0 <= t_end < t_start <= 1, got t_end=0.6, t_start=0.5"):
-        sample_em(model, x, 0.5, t_end=0.6, noise=noise)
+        em_sigmas(model, 0.5, t_end=0.6)
+    with pytest.raises(InputError, match="strictly decreasing"):
+        sample_em(model, x, [0.5, 1.0], noise=noise)
+    with pytest.raises(InputError, match="leave the model's range"):
+        sample_em(model, x, [1e6, 1.0], noise=noise)
     with pytest.raises(InputError, match=r"t_star must be in \(1e-05, 1\], got 1.5"):
         sde_bridge(model, x, 1.5, noise=noise)
     with pytest.raises(InputError, match=r"expected \(2, 1, 2, 2\)"):
         generate_sde(model, (2, 1, 2, 2), noise=noise)
     with pytest.raises(InputError, match=r"t_eps must be in \[0, 1\)"):
         dsm_loss(ScoreModel(UNet(**TINY)), torch.zeros(1, 1, 8, 8), generator=torch.Generator(), t_eps=1.0)
+
+
+def test_em_grid_and_callback_follow_the_levels() -> None:
+    """em_sigmas is sigma(t) on a uniform t grid; sample_em calls back once per step, as sample_cm does."""
+    model = GaussianScore(0.0, 1.0)
+    sde = VESDE()
+    levels = em_sigmas(model, 0.5, steps=4, t_end=0.1)
+    expected = sde.sigma(torch.linspace(0.5, 0.1, 5, dtype=torch.float64))
+    np.testing.assert_allclose(levels, expected.numpy(), rtol=1e-12)
+    steps: list[int] = []
+    sample_em(model, torch.zeros(1, 1, 2, 2), levels, noise=torch_noise((1, 1, 2, 2)), callback=steps.append)
+    assert steps == [1, 2, 3, 4]

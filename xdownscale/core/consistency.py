@@ -97,7 +97,8 @@ def _sigma_vector(sigma: Tensor | float, x: Tensor) -> Tensor:
     return s
 
 
-def _cat_cond(x: Tensor, cond: Tensor | None) -> Tensor:
+def cat_cond(x: Tensor, cond: Tensor | None) -> Tensor:
+    """``x`` with the conditioning channels ``cond`` appended (``x`` itself when there are none)."""
     if cond is None:
         return x
     if cond.ndim != 4 or cond.shape[0] != x.shape[0] or cond.shape[2:] != x.shape[2:]:
@@ -152,7 +153,7 @@ class ConsistencyModel(nn.Module):
             c[:, None, None, None]
             for c in cm_scalings(s, sigma_data=self.sigma_data, sigma_min=self.sigma_min)
         )
-        out = self.net(_cat_cond(c_in * x_t, cond), c_noise.reshape(-1))
+        out = self.net(cat_cond(c_in * x_t, cond), c_noise.reshape(-1))
         if out.shape != x_t.shape:
             raise InputError(
                 f"The network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its "
@@ -161,13 +162,14 @@ class ConsistencyModel(nn.Module):
         return (c_skip * x_t + c_out * out.to(c_out.dtype)).to(x_t.dtype)
 
 
-def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
+def randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
     """Standard normal noise like ``x``, drawn on the generator's device."""
     z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return z.to(device=x.device, dtype=x.dtype)
 
 
-def _prepare(x0: Tensor, mask: Tensor | None) -> Tensor:
+def masked_batch(x0: Tensor, mask: Tensor | None) -> Tensor:
+    """A checked (B, C, H, W) training batch with its masked cells set to 0."""
     if x0.ndim != 4:
         raise InputError(f"x0 must have shape (B, C, H, W), got {tuple(x0.shape)}.")
     if mask is None:
@@ -221,14 +223,14 @@ def ict_loss(
     Tensor
         Scalar (float32).
     """
-    x0 = _prepare(x0, mask)
+    x0 = masked_batch(x0, mask)
     n = ict_num_scales(step, total_steps, s0, s1)
     sigmas = karras_sigmas(n, model.sigma_min, model.sigma_max)
     probs = ict_index_probs(sigmas, p_mean, p_std)
     idx = torch.multinomial(probs.to(generator.device), x0.shape[0], replacement=True, generator=generator)
     idx = idx.cpu()
     s_lo, s_hi = sigmas[idx], sigmas[idx + 1]
-    z = _randn_like(x0, generator)
+    z = randn_like(x0, generator)
     return _pair_loss(model, x0, z, s_hi, s_lo, cond, mask)
 
 
@@ -291,11 +293,11 @@ def ect_loss(
     Tensor
         Scalar (float32).
     """
-    x0 = _prepare(x0, mask)
+    x0 = masked_batch(x0, mask)
     u = torch.randn((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float64)
     t = torch.exp(p_mean + p_std * u).clamp(model.sigma_min * 1.5, model.sigma_max).cpu()
     r = (t * (1.0 - ect_gap_ratio(t, step, total_steps, stages=stages, q=q))).clamp(min=model.sigma_min)
-    z = _randn_like(x0, generator)
+    z = randn_like(x0, generator)
     return _pair_loss(model, x0, z, t, r, cond, mask)
 
 
@@ -343,11 +345,11 @@ def ct_loss(
         raise InputError(f"distance must be one of {DISTANCES}, got {distance!r}.")
     if distance == "lpips+l1":
         load_lpips(x0.device)  # fail before any work if LPIPS is not available
-    x0 = _prepare(x0, mask)
+    x0 = masked_batch(x0, mask)
     n = ct_num_scales(step, total_steps, s0, s1)
     sigmas = karras_sigmas(n, model.sigma_min, model.sigma_max)
     idx = torch.randint(0, n - 1, (x0.shape[0],), generator=generator, device=generator.device).cpu()
-    z = _randn_like(x0, generator)
+    z = randn_like(x0, generator)
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     s_lo, s_hi = sigmas[idx].to(x0.device, dtype), sigmas[idx + 1].to(x0.device, dtype)
     student = model(x0 + s_hi[:, None, None, None] * z, s_hi, cond)

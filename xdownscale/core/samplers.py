@@ -6,6 +6,11 @@ initial noise (of :func:`generate_cm`, :func:`sdedit_cm`, :func:`sde_bridge`, :f
 1, 2, ... are the noise of the later steps (re-noising in :func:`sample_cm`, the Brownian increments in
 :func:`sample_em`). Networks run under :func:`torch.no_grad`.
 
+The two step loops share one signature, k-diffusion style: ``sample_cm(model, x, sigmas, *, noise, cond,
+callback)`` and ``sample_em(score_model, x, sigmas, *, noise, cond, denoise, callback)``: the model, the
+state at ``sigmas[0]`` and the decreasing noise levels to visit (:func:`em_sigmas` gives the paper's SDE
+grid, uniform in t).
+
 Masks: the samplers produce values everywhere; setting masked cells to NaN is the caller's job.
 
 References
@@ -29,7 +34,7 @@ from ..errors import InputError
 from .schedules import karras_sigmas
 from .sde import VESDE
 
-__all__ = ["generate_cm", "generate_sde", "sample_cm", "sample_em", "sde_bridge", "sdedit_cm"]
+__all__ = ["em_sigmas", "generate_cm", "generate_sde", "sample_cm", "sample_em", "sde_bridge", "sdedit_cm"]
 
 Noise = Callable[[int], Tensor]
 
@@ -64,7 +69,13 @@ def _check_sigma_range(model: NoiseModel, sigma: float, name: str) -> None:
 
 
 def sample_cm(
-    model: NoiseModel, x: Tensor, sigmas: Sequence[float], *, noise: Noise, cond: Tensor | None = None
+    model: NoiseModel,
+    x: Tensor,
+    sigmas: Sequence[float],
+    *,
+    noise: Noise,
+    cond: Tensor | None = None,
+    callback: Callable[[int], Any] | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, algorithm 1).
 
@@ -84,6 +95,8 @@ def sample_cm(
         ``noise(i)`` -> Tensor like ``x``.
     cond
         Conditioning channels, shape ``(B, Cc, H, W)``.
+    callback
+        Called with the step number (1, 2, ...) after each network evaluation.
 
     Returns
     -------
@@ -100,9 +113,13 @@ def sample_cm(
     sigma_min = float(model.sigma_min)
     with torch.no_grad():
         x = model(x, sig[0], cond)
+        if callback is not None:
+            callback(1)
         for i, s in enumerate(sig[1:], start=1):
             z = _draw(noise, i, x)
             x = model(x + math.sqrt(max(s * s - sigma_min * sigma_min, 0.0)) * z, s, cond)
+            if callback is not None:
+                callback(i + 1)
     return x
 
 
@@ -189,23 +206,38 @@ def _sde_of(score_model: NoiseModel) -> VESDE:
     return VESDE(float(score_model.sigma_min), float(score_model.sigma_max))
 
 
+def em_sigmas(
+    score_model: NoiseModel, t_start: float, *, steps: int = 500, t_end: float = T_END
+) -> list[float]:
+    """The paper's Euler-Maruyama grid for :func:`sample_em`: ``steps`` steps uniform in t from ``t_start``
+    down to ``t_end`` (``0 <= t_end < t_start <= 1``), as ``steps + 1`` decreasing noise levels."""
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}.")
+    if not 0 <= t_end < t_start <= 1:
+        raise InputError(f"sample_em needs 0 <= t_end < t_start <= 1, got t_end={t_end}, t_start={t_start}.")
+    ts = torch.linspace(float(t_start), float(t_end), steps + 1, dtype=torch.float64)
+    return [float(v) for v in _sde_of(score_model).sigma(ts)]
+
+
 def sample_em(
     score_model: NoiseModel,
     x: Tensor,
-    t_start: float,
+    sigmas: Sequence[float],
     *,
-    steps: int = 500,
     noise: Noise,
-    t_end: float = T_END,
     cond: Tensor | None = None,
     denoise: bool = True,
+    callback: Callable[[int], Any] | None = None,
 ) -> Tensor:
-    """Euler-Maruyama for the reverse VE SDE from ``t_start`` to ``t_end`` (SI eq. 3 with f = 0).
+    """Euler-Maruyama for the reverse VE SDE over the noise levels ``sigmas`` (SI eq. 3 with f = 0).
 
-    ``steps`` uniform steps of size ``dt`` in t; at each (draw i = 1 .. steps):
-    ``x <- x + g(t)^2 s(x, t) dt + sqrt(g(t)^2 dt) z_i`` with ``g^2 = 2 sigma(t)^2 ln(sigma_max/sigma_min)``.
-    With ``denoise`` a last Tweedie step ``x <- x + sigma(t_end)^2 s(x, t_end)`` removes the noise left at
-    ``sigma(t_end)`` (about sigma_min; one more network call).
+    The same signature as :func:`sample_cm` (model, state, decreasing noise levels, keyword noise source);
+    :func:`em_sigmas` gives the paper's grid, uniform in t. Between levels ``sigmas[i]`` and
+    ``sigmas[i + 1]`` (times ``t_i > t_i+1``, draw ``i + 1``):
+    ``x <- x + g(t_i)^2 s(x, t_i) dt + sqrt(g(t_i)^2 dt) z_i+1`` with
+    ``g^2 = 2 sigma(t)^2 ln(sigma_max/sigma_min)``.
+    With ``denoise`` a last Tweedie step ``x <- x + sigmas[-1]^2 s(x, t_end)`` removes the noise left at
+    the last level (one more network call).
 
     Parameters
     ----------
@@ -213,29 +245,34 @@ def sample_em(
         A :class:`~xdownscale.core.sde.ScoreModel` (``score_model(x, t, cond)`` returns the score; has ``sde``
         or ``sigma_min``/``sigma_max``).
     x
-        State at time ``t_start``, shape ``(B, C, H, W)``.
-    t_start, t_end
-        ``0 <= t_end < t_start <= 1``.
-    steps
-        Number of Euler-Maruyama steps (paper: 500 for the whole [0, 1]).
+        State at the level ``sigmas[0]``, shape ``(B, C, H, W)``.
+    sigmas
+        At least two strictly decreasing levels within the model's noise range.
     noise, cond
         As in :func:`sample_cm`.
+    callback
+        Called with the step number (1, 2, ...) after each step.
     """
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}.")
-    if not 0 <= t_end < t_start <= 1:
-        raise InputError(f"sample_em needs 0 <= t_end < t_start <= 1, got t_end={t_end}, t_start={t_start}.")
     sde = _sde_of(score_model)
-    ts = torch.linspace(float(t_start), float(t_end), steps + 1, dtype=torch.float64)
+    sig = [float(v) for v in sigmas]
+    if len(sig) < 2 or any(b >= a for a, b in itertools.pairwise(sig)):
+        raise InputError(f"sample_em needs at least two strictly decreasing noise levels, got {sig}.")
+    lo, hi = float(sde.sigma_min), float(sde.sigma_max)
+    if not (lo * (1 - 1e-9) <= sig[-1] and sig[0] <= hi * (1 + 1e-9)):
+        raise InputError(
+            f"sample_em's noise levels {sig[0]} .. {sig[-1]} leave the model's range [{lo}, {hi}]."
+        )
+    ts = sde.t_of_sigma(torch.tensor(sig, dtype=torch.float64))
     with torch.no_grad():
-        for i in range(steps):
+        for i in range(len(sig) - 1):
             t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
             g2dt = float(sde.g2(torch.tensor(t, dtype=torch.float64))) * dt
             score = score_model(x, t, cond)
             x = x + g2dt * score + math.sqrt(g2dt) * _draw(noise, i + 1, x)
+            if callback is not None:
+                callback(i + 1)
         if denoise:
-            s_end = float(sde.sigma(torch.tensor(float(t_end), dtype=torch.float64)))
-            x = x + s_end * s_end * score_model(x, float(t_end), cond)
+            x = x + sig[-1] * sig[-1] * score_model(x, float(ts[-1]), cond)
     return x
 
 
@@ -266,9 +303,8 @@ def sde_bridge(
     sde = _sde_of(score_model)
     sigma = float(sde.sigma(torch.tensor(float(t_star), dtype=torch.float64)))
     x_t = x + sigma * _draw(noise, 0, x)
-    return sample_em(
-        score_model, x_t, t_star, steps=steps, noise=noise, t_end=t_end, cond=cond, denoise=denoise
-    )
+    levels = em_sigmas(score_model, t_star, steps=steps, t_end=t_end)
+    return sample_em(score_model, x_t, levels, noise=noise, cond=cond, denoise=denoise)
 
 
 def generate_sde(
@@ -286,7 +322,5 @@ def generate_sde(
     z = noise(0)
     if tuple(z.shape) != shape:
         raise InputError(f"The noise source returned shape {tuple(z.shape)} for draw 0, expected {shape}.")
-    sde = _sde_of(score_model)
-    return sample_em(
-        score_model, sde.sigma_max * z, 1.0, steps=steps, noise=noise, t_end=t_end, cond=cond, denoise=denoise
-    )
+    levels = em_sigmas(score_model, 1.0, steps=steps, t_end=t_end)
+    return sample_em(score_model, levels[0] * z, levels, noise=noise, cond=cond, denoise=denoise)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .consistency import _cat_cond, _prepare, _randn_like
+from .consistency import cat_cond, masked_batch, randn_like
 from .losses import l2_distance
 
 __all__ = ["SDE_SIGMA_MAX", "SDE_SIGMA_MIN", "VESDE", "ScoreModel", "dsm_loss"]
@@ -108,7 +108,7 @@ class ScoreModel(nn.Module):
             raise InputError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}.")
         sigma = self.sde.sigma(_t_vector(t, x))
         c_in = (1.0 / torch.sqrt(sigma * sigma + self.sigma_data**2))[:, None, None, None]
-        out = self.net(_cat_cond(c_in * x, cond), torch.log(sigma) / 4.0)
+        out = self.net(cat_cond(c_in * x, cond), torch.log(sigma) / 4.0)
         if out.shape != x.shape:
             raise InputError(
                 f"The network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; its "
@@ -153,11 +153,11 @@ def dsm_loss(
     """
     if not 0 <= t_eps < 1:
         raise InputError(f"t_eps must be in [0, 1), got {t_eps}.")
-    x0 = _prepare(x0, mask)
+    x0 = masked_batch(x0, mask)
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     u = torch.rand((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float64)
     t = (t_eps + (1.0 - t_eps) * u).to(x0.device, dtype)
-    z = _randn_like(x0, generator)
+    z = randn_like(x0, generator)
     sigma = model.sde.sigma(t)[:, None, None, None]
     score = model(x0 + sigma * z, t, cond)
     return l2_distance(sigma * score, -z, mask).float().mean()
