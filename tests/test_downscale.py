@@ -8,6 +8,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_helpers import CountingScheduler
 
 import xdownscale
 from xdownscale.errors import (
@@ -33,17 +34,6 @@ def _coarse(fine: xr.DataArray, factor: int = 4, units: str = "kg m-2 s-1") -> x
 @pytest.fixture(scope="module")
 def coarse(fine_data: xr.DataArray) -> xr.DataArray:
     return _coarse(fine_data)
-
-
-class CountingScheduler:
-    """A dask scheduler that counts how often it is asked to compute (cf-xarray's raise_if_dask_computes)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, dsk, keys, **kwargs):  # type: ignore[no-untyped-def]
-        self.calls += 1
-        return dask.get(dsk, keys, **kwargs)
 
 
 def test_cm_output_dims_units_attrs(cm_model, coarse):

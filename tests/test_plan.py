@@ -8,6 +8,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_helpers import CountingScheduler
 
 import xdownscale
 from xdownscale.errors import InputError
@@ -96,16 +97,11 @@ def test_lazy_plan_stays_lazy_until_computed(cm_model, coarse):
     x = coarse.isel(time=slice(0, 12))
     kw = dict(model=cm_model.path, method="cm", qdm=True, scale="auto", seed=0)
     eager = xdownscale.plan(x, **kw)
-    calls = []
-
-    def counting(dsk, keys, **k):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return dask.get(dsk, keys, **k)
-
+    counting = CountingScheduler()
     with dask.config.set(scheduler=counting):
         lazy = xdownscale.plan(x.chunk({"time": 4}), **kw)
         out = lazy.apply(x.chunk({"time": 4}))
-        assert not calls and not lazy.scale_resolved and out.chunks is not None
+        assert not counting.calls and not lazy.scale_resolved and out.chunks is not None
         assert "selected lazily" in out.attrs["downscale_scale"]
     done = lazy.compute()
     assert done.scale_resolved

@@ -6,6 +6,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_helpers import CountingScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,20 +80,6 @@ def rotated_grid(nr: int = 41, nc: int = 51, step: float = 0.44, centre=(40.0, -
             "lon": (("rlat", "rlon"), lon, LON_ATTRS),
         }
     )
-
-
-class CountingScheduler:
-    """A dask scheduler that raises when more than ``max_computes`` computations are started."""
-
-    def __init__(self, max_computes: int = 0) -> None:
-        self.total = 0
-        self.max_computes = max_computes
-
-    def __call__(self, dsk, keys, **kwargs):
-        self.total += 1
-        if self.total > self.max_computes:
-            raise RuntimeError(f"Too many dask computations were scheduled: {self.total}")
-        return dask.get(dsk, keys, **kwargs)
 
 
 # -- basic properties ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import xarray as xr
+from _dask_helpers import no_compute
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,10 +56,6 @@ def power_law_fields(n: int, shape: tuple[int, int], spectrum, seed: int) -> np.
     white = rng.standard_normal((n, h, w))
     # FFT of unit white noise has E|X|^2 = H W; P2 = |X|^2/(HW)^2 must be spectrum(k).
     return np.real(np.fft.ifft2(np.fft.fft2(white) * amp * math.sqrt(h * w)))
-
-
-def no_compute(dsk, keys, **kwargs):  # a dask scheduler that fails: proves laziness
-    raise AssertionError("dask computed before .compute()")
 
 
 # ---------------------------------------------------------------------------------------------- PSD

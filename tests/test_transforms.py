@@ -11,6 +11,7 @@ import dask.array as dsa
 import numpy as np
 import pytest
 import xarray as xr
+from _dask_helpers import no_compute
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,10 +19,6 @@ from hypothesis.extra import numpy as hnp
 from xdownscale.core import transforms as core
 from xdownscale.errors import InputError, UnitError, XDownscaleWarning
 from xdownscale.transforms import LogNormalize
-
-
-def no_compute(dsk, keys, **kwargs):  # a dask scheduler that fails: proves laziness
-    raise AssertionError("dask computed before .compute()")
 
 
 def precip(ntime: int = 4, seed: int = 0, units: str | None = "mm/day") -> xr.DataArray:

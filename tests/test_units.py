@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
-import dask
 import numpy as np
 import pint
 import pytest
 import xarray as xr
+from _dask_helpers import raise_if_dask_computes
 
 from xdownscale.datasets import synthetic_precipitation
 from xdownscale.errors import InputError, MissingCoordinateError, UnitError, XDownscaleWarning
@@ -29,15 +27,6 @@ def daily(values, units, name="pr", freq="D", calendar="standard", **attrs):
     time = xr.date_range("2000-01-01", periods=values.shape[0], freq=freq, calendar=calendar)
     attrs = {"units": units, **attrs} if units is not None else attrs
     return xr.DataArray(values, dims=("time",), coords={"time": time}, name=name, attrs=attrs)
-
-
-@contextlib.contextmanager
-def raise_if_dask_computes():
-    def scheduler(dsk, keys, **kwargs):
-        raise AssertionError("dask computed")
-
-    with dask.config.set(scheduler=scheduler):
-        yield
 
 
 # ---------------------------------------------------------------- parsing
