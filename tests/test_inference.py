@@ -135,6 +135,28 @@ def test_sde_block_runs_with_its_extra_draws(sde_model: object) -> None:
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
+def test_a_pooled_thread_follows_the_callers_thread_count() -> None:
+    """OpenMP fixes a thread's count at its first parallel op: a pooled (dask) thread kept the count of
+    its first job, so a later job ran with other reductions (last bits) and speed than the caller's."""
+    before = torch.get_num_threads()
+
+    def run(threads: int | None) -> int:
+        if threads is not None:
+            inference.use_threads(threads)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        return torch.get_num_threads()
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            torch.set_num_threads(1)
+            assert pool.submit(run, None).result() == 1
+            torch.set_num_threads(2)
+            assert pool.submit(run, None).result() == 1  # the stale count
+            assert pool.submit(run, 2).result() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compile_policy_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDOWNSCALE_COMPILE", raising=False)
     assert compile_policy() == "auto"

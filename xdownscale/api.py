@@ -363,9 +363,17 @@ def _auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | No
     return chosen
 
 
-def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: Any) -> Any:
+def select_scale(
+    da: xr.DataArray,
+    *,
+    model: Any = None,
+    psd_fine: xr.DataArray | None = None,
+    sample: int = 365,
+    **kwargs: Any,
+) -> Any:
     """The :class:`xdownscale.Scale` that ``scale="auto"`` picks for ``da`` (``kwargs``: those of
-    :func:`prepare`).
+    :func:`prepare`); or, with a target spectrum ``psd_fine`` instead of a model, where ``da``'s
+    spectrum (:func:`xdownscale.psd`, ``kwargs`` its arguments) meets it.
 
     The mean spectrum of the prepared input (at most ``sample`` evenly spaced time steps, after QDM
     when ``qdm=True``, in the model's transformed space, masked cells estimated the way the model's
@@ -376,6 +384,16 @@ def select_scale(da: xr.DataArray, *, model: Any, sample: int = 365, **kwargs: A
     (Hess et al. 2024, Eq. 8). With ``qdm=True`` and a ``hist``, the spectrum is that of the QDM's
     historical period (after QDM), so every period gets the same scale (see :func:`plan`). Warns when
     the input lacks power already at 4 input cells."""
+    if model is None:
+        if psd_fine is None:
+            raise InputError(
+                "select_scale needs model= (a model name or path) or psd_fine= (a target spectrum from "
+                "xdownscale.psd)."
+            )
+        from .xr.spectra import psd
+        from .xr.spectra import select_scale as crossing
+
+        return crossing(psd_fine, psd(da, **kwargs))
     unknown = set(kwargs) - {"regrid", "lowpass", "qdm", "hist", "units", "qdm_kwargs"}
     if unknown:
         raise InputError(
@@ -792,7 +810,7 @@ def plan(
     da: xr.DataArray,
     *,
     model: Any,
-    method: str = "cm",
+    method: str | None = None,
     scale: Any = "auto",
     members: int = 1,
     seed: int = 0,
@@ -813,7 +831,8 @@ def plan(
 ) -> Plan:
     """Resolve a downscaling of ``da`` once: model, units, QDM fit, scale and settings.
 
-    Takes the arguments of :func:`downscale`. ``scale="auto"`` is resolved on the QDM's historical
+    Takes the arguments of :func:`downscale`; ``method`` defaults to the model's kind (``"cm"`` or
+    ``"sde"``). ``scale="auto"`` is resolved on the QDM's historical
     period when ``qdm=True`` is given a ``hist``, otherwise on ``da``: so ``plan(hist_period, qdm=True,
     ...).apply(future)`` downscales a future period with the historical period's bias correction and
     scale (a climate-change signal is then not mistaken for a change of scale). On lazy data the
@@ -829,10 +848,11 @@ def plan(
             f"{_label(da)} has several realizations; a plan belongs to one. Select one, e.g. "
             "da.isel(realization=0), or call da.downscale.cm(...) on the ensemble."
         )
+    model = _load(model)
     return _make_plan(
         da,
         model=model,
-        method=method,
+        method=method or model.kind,
         scale=scale,
         members=members,
         seed=seed,
@@ -1071,6 +1091,7 @@ def _denoise(
             )
     else:
         import dask.array as dsa
+        import torch
 
         x = transformed.data.astype(np.float32)
         key_arr = dsa.from_array(keys, chunks=(x.chunks[0],))
@@ -1090,6 +1111,7 @@ def _denoise(
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), dtype=np.float32),
             token=f"xdownscale-{method}",
+            threads=torch.get_num_threads(),
             **kwargs,
         )
     dims = (time, "member", fgrid.ydim, fgrid.xdim)
@@ -1098,9 +1120,12 @@ def _denoise(
     return xr.DataArray(data, dims=dims, coords=coords)
 
 
-def _denoise_dask_block(xb: np.ndarray, kb: np.ndarray, sb: np.ndarray, **kwargs: Any) -> np.ndarray:
-    from .models.inference import denoise_block
+def _denoise_dask_block(
+    xb: np.ndarray, kb: np.ndarray, sb: np.ndarray, threads: int, **kwargs: Any
+) -> np.ndarray:
+    from .models.inference import denoise_block, use_threads
 
+    use_threads(threads)
     return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
 
 

@@ -207,9 +207,14 @@ def _window(
     observations: dict[str, tuple[xr.DataArray | None, Any]],
     options: dict[str, Any],
     dry: bool = False,
+    threads: int = 0,
 ) -> xr.DataArray:
     """The analysis of one window (a dask task: its inputs arrive in memory); modalities without a value
-    in the window are left out of it."""
+    in the window are left out of it. ``threads``: the torch thread count of the call that built the graph."""
+    if threads:
+        from .models.inference import use_threads
+
+        use_threads(threads)
     others = {k: (v, std) for k, (da, std) in observations.items() if (v := _observed(da)) is not None}
     return _assimilate_eager(
         kind,
@@ -272,9 +277,13 @@ def _assimilate(
     # the first window is checked at once (and gives the metadata): errors come at the call, not at compute
     bg0, st0, sa0, obs0 = dask.compute(*inputs(windows[0]))
     meta = _window(kind, bg0, st0, sa0, obs0, options, dry=True)
+    import torch
+
     parts = []
     for window in windows:
-        task = dask.delayed(_window, pure=False)(kind, *inputs(window), options)
+        task = dask.delayed(_window, pure=False)(
+            kind, *inputs(window), options, threads=torch.get_num_threads()
+        )
         values = dask.delayed(lambda a: a.transpose(*meta.dims).values, pure=False)(task)
         shape = (window.stop - window.start, *meta.shape[1:])
         parts.append(dsa.from_delayed(values, shape=shape, dtype=meta.dtype))
@@ -637,11 +646,11 @@ def _points_on(field: xr.DataArray, stations: xr.DataArray) -> tuple[np.ndarray,
 
 def _station_frame(stations: xr.DataArray, background: xr.DataArray, units: str) -> tuple[np.ndarray, str]:
     """Station values (time, station) in ``units`` on the background's time steps."""
-    from .xr.observations import _on_state_times, find_points
+    from .xr.observations import find_points, on_state_times
     from .xr.units import convert_units
 
     _, _, dim = find_points(stations)
-    conv = _on_state_times(convert_units(stations, units), background, "stations")
+    conv = on_state_times(convert_units(stations, units), background, "stations")
     return np.asarray(conv.transpose(find_time(background), dim).values, dtype=np.float64), dim
 
 
@@ -781,7 +790,7 @@ def optimal_interpolation(
         Missing or inconvertible units.
     """
     from .core.oi import oi_analysis
-    from .xr.observations import _std_values, find_points
+    from .xr.observations import error_std_values, find_points
     from .xr.regrid import regrid
 
     units = background.attrs.get("units")
@@ -812,7 +821,7 @@ def optimal_interpolation(
         so[inside] = est["stations_std"].values
     else:
         so = np.broadcast_to(
-            _std_values(stations, stations_std, dim, "stations", "stations_std"), (stations.sizes[dim],)
+            error_std_values(stations, stations_std, dim, "stations", "stations_std"), (stations.sizes[dim],)
         )
     glat = np.asarray(fine[g.lat].values, dtype=float)
     glon = np.asarray(fine[g.lon].values, dtype=float)
@@ -918,9 +927,9 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
         result is lazy: each time chunk is one analysis window, sampled when computed with only its own
         data in memory (the first window's inputs are checked at the call). Windows are analysed
         independently, so the result depends on the time chunks (the same chunks give the same result;
-        one chunk gives the in-memory analysis); choose chunks of at least the model's window. Observation operators act on the
-        state in physical units (precipitation is averaged and interpolated as amounts, not as
-        logarithms); the likelihood compares them as ``likelihood`` says.
+        one chunk gives the in-memory analysis); choose chunks of at least the model's window. Observation
+        operators act on the state in physical units (precipitation is averaged and interpolated as
+        amounts, not as logarithms); the likelihood compares them as ``likelihood`` says.
 
     Warns
     -----

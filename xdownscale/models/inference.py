@@ -54,6 +54,7 @@ __all__ = [
     "network_runner",
     "set_torch_threads",
     "time_keys",
+    "use_threads",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -90,6 +91,24 @@ def set_torch_threads() -> None:
         return
     nthreads = int(getattr(worker.state, "nthreads", 0) or getattr(worker, "nthreads", 0) or 1)
     torch.set_num_threads(max(1, min(nthreads, os.cpu_count() or 1)))
+
+
+def use_threads(threads: int) -> None:
+    """Run torch on this thread with ``threads`` threads (the count of the call that built the dask graph).
+
+    OpenMP keeps one thread count per OS thread, fixed when the thread first runs a parallel operation:
+    a pooled dask thread would otherwise keep the count of the first job it ran, which changes the last
+    bits of a result and the speed. Under ``dask.distributed`` the worker's share decides instead.
+    """
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return
+    except (ImportError, ValueError):
+        pass
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def cached_model(path: str, sha256: str, device: str) -> Any:
