@@ -9,9 +9,12 @@ cheap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import xarray as xr
+
+from .assimilate import DEFAULT_LIKELIHOOD, DEFAULT_MEMBERS, DEFAULT_STEPS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .xr.qdm import QDM
@@ -103,10 +106,9 @@ class DownscaleAccessor:
         Forwards to :func:`xdownscale.plan`; ``method`` defaults to the model's kind (``"cm"`` or
         ``"sde"``).
         """
-        from .api import _load, plan
+        from .api import plan
 
-        loaded = _load(model)
-        return plan(self._da, model=loaded, method=method or loaded.kind, **kwargs)
+        return plan(self._da, model=model, method=method, **kwargs)
 
     def prepare(self, model: Any, **kwargs: Any) -> xr.DataArray:
         """Everything up to the network input (units, regrid, low-pass, QDM, transform).
@@ -125,20 +127,9 @@ class DownscaleAccessor:
         With ``model``, forwards to :func:`xdownscale.api.select_scale`; with ``psd_fine`` (a target
         spectrum), to :func:`xdownscale.select_scale` on this field's spectrum.
         """
-        if model is not None:
-            from .api import select_scale as select_scale_for_model
+        from .api import select_scale
 
-            return select_scale_for_model(self._da, model=model, **kwargs)
-        from .xr.spectra import psd, select_scale
-
-        if psd_fine is None:
-            from .errors import InputError
-
-            raise InputError(
-                "select_scale needs model= (a model name or path) or psd_fine= (a target "
-                "spectrum from xdownscale.psd)."
-            )
-        return select_scale(psd_fine, psd(self._da, **kwargs))
+        return select_scale(self._da, model=model, psd_fine=psd_fine, **kwargs)
 
     # -- building blocks -----------------------------------------------------------------------------
     def regrid(
@@ -193,17 +184,61 @@ class AssimilateAccessor:
     def __init__(self, da: xr.DataArray) -> None:
         self._da = da
 
-    def slams(self, model: Any, **kwargs: Any) -> xr.DataArray:
-        """Latent score-based data assimilation. Forwards to :func:`xdownscale.assimilate.slams`."""
+    def slams(
+        self,
+        model: Any,
+        *,
+        stations: xr.DataArray | None = None,
+        satellite: xr.DataArray | None = None,
+        observations: Mapping[str, tuple[xr.DataArray, Any]] | None = None,
+        stations_std: Any = None,
+        satellite_std: Any = None,
+        background_std: float | None = None,
+        members: int = DEFAULT_MEMBERS,
+        steps: int = DEFAULT_STEPS,
+        corrections: int | None = None,
+        tau: float = 0.5,
+        gamma: float = 1e-2,
+        likelihood: str = DEFAULT_LIKELIHOOD,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+    ) -> xr.DataArray:
+        """Latent score-based data assimilation of this background; see :func:`xdownscale.assimilate.slams`
+        for every argument."""
         from .assimilate import slams
 
-        return slams(self._da, model=model, **kwargs)
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "slams")}
+        return slams(self._da, **kwargs)
 
-    def sda(self, model: Any, **kwargs: Any) -> xr.DataArray:
-        """Pixel-space score-based data assimilation. Forwards to :func:`xdownscale.assimilate.sda`."""
+    def sda(
+        self,
+        model: Any,
+        *,
+        stations: xr.DataArray | None = None,
+        satellite: xr.DataArray | None = None,
+        observations: Mapping[str, tuple[xr.DataArray, Any]] | None = None,
+        stations_std: Any = None,
+        satellite_std: Any = None,
+        background_std: float | None = None,
+        members: int = DEFAULT_MEMBERS,
+        steps: int = DEFAULT_STEPS,
+        corrections: int | None = None,
+        tau: float = 0.5,
+        gamma: float = 1e-2,
+        likelihood: str = DEFAULT_LIKELIHOOD,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+    ) -> xr.DataArray:
+        """Pixel-space score-based data assimilation of this background; see
+        :func:`xdownscale.assimilate.sda` for every argument."""
         from .assimilate import sda
 
-        return sda(self._da, model=model, **kwargs)
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "sda")}
+        return sda(self._da, **kwargs)
 
 
 @xr.register_dataset_accessor("downscale")

@@ -35,7 +35,9 @@ __all__ = [
     "ERROR_STD_ATTR",
     "SatelliteObservations",
     "StationObservations",
+    "error_std_values",
     "find_points",
+    "on_state_times",
     "satellite_on_grid",
     "satellite_weights",
     "station_indices",
@@ -186,7 +188,7 @@ def station_indices(
     return iy, ix, inside
 
 
-def _std_values(obs: xr.DataArray, std: Any, points_dim: str | None, what: str, arg: str) -> np.ndarray:
+def error_std_values(obs: xr.DataArray, std: Any, points_dim: str | None, what: str, arg: str) -> np.ndarray:
     """Error std (in the observations' units) per point, or a scalar broadcast later."""
     if std is None:
         if ERROR_STD_ATTR in obs.coords:
@@ -231,7 +233,7 @@ def _convert(obs: xr.DataArray, std: np.ndarray, units: str, what: str) -> tuple
     return out, std * abs(float(one - zero))
 
 
-def _on_state_times(obs: xr.DataArray, state: xr.DataArray, what: str) -> xr.DataArray:
+def on_state_times(obs: xr.DataArray, state: xr.DataArray, what: str) -> xr.DataArray:
     """``obs`` reindexed onto the time steps of ``state`` (missing steps become NaN)."""
     t_obs = find_time(obs)
     t_state = find_time(state)
@@ -309,7 +311,7 @@ def stations_on_grid(
             XDownscaleWarning,
             stacklevel=3,
         )
-    stds = _std_values(stations, std, dim, "stations", "stations_std")
+    stds = error_std_values(stations, std, dim, "stations", "stations_std")
     stds = np.broadcast_to(stds, (stations.sizes[dim],)) if stds.ndim == 0 else stds
     if stds.shape != (stations.sizes[dim],):
         raise InputError(
@@ -319,7 +321,7 @@ def stations_on_grid(
     if target_units is None:
         raise UnitError("The background has no units attribute; set background.attrs['units'].")
     conv, stds = _convert(stations, stds, target_units, "stations")
-    conv = _on_state_times(conv, state, "stations")
+    conv = on_state_times(conv, state, "stations")
     t = find_time(state)
     values = np.asarray(conv.transpose(t, dim).values, dtype=float)[:, inside]
     _check_any(values, stations, "station")
@@ -411,13 +413,13 @@ def satellite_on_grid(
     """
     sgrid = find_grid(satellite)
     weights, keep = satellite_weights(satellite, state, min_coverage=min_coverage)
-    stds = _std_values(satellite, std, None, "satellite field", "satellite_std")
+    stds = error_std_values(satellite, std, None, "satellite field", "satellite_std")
     stds = np.broadcast_to(stds, sgrid.shape(satellite)).ravel() if stds.ndim <= 2 else stds
     target_units = units or state.attrs.get("units")
     if target_units is None:
         raise UnitError("The background has no units attribute; set background.attrs['units'].")
     conv, stds = _convert(satellite, stds, target_units, "satellite field")
-    conv = _on_state_times(conv, state, "satellite field")
+    conv = on_state_times(conv, state, "satellite field")
     t = find_time(state)
     values = np.asarray(conv.transpose(t, *sgrid.dims).values, dtype=float)
     values = values.reshape(values.shape[0], -1)[:, keep]
