@@ -57,9 +57,11 @@ DATA = ROOT.parent / "shared" / "data" / "iberia"
 DOC = ROOT / "docs" / "evaluation-assimilation.md"
 FIGS = ROOT / "docs" / "figures" / "assimilation"
 WINDOW = 5
-METHODS = ("background", "OI", "SDA", "SLAMS", "CM", "CM + SLAMS")
-#: the downscale -> assimilate chain: the downscaling model of each case (same grid as its assimilation pair)
+METHODS = ("background", "OI", "SDA", "SLAMS")
+#: the downscale -> assimilate chain: the CM ensemble alone and as the background of SLAMS (real data)
 CHAIN = ("CM", "CM + SLAMS")
+#: the order of rows in tables and panels
+ROWS = METHODS + CHAIN
 
 
 @dataclass
@@ -569,13 +571,13 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
 
 
-def table_md(res: dict[str, Any], units: str) -> str:
+def table_md(res: dict[str, Any], units: str, methods: tuple[str, ...] = METHODS) -> str:
     rows = [
         f"| method | RMSE ({units}) | CRPS ({units}) | spread/skill | bias | grid RMSE | grid CRPS | "
         "grid spread/skill | s / analysis |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in methods:
         r = res["table"].get(method)
         if r is None:
             continue
@@ -645,7 +647,7 @@ def figure_maps(
     import matplotlib.pyplot as plt
 
     panels = [("E-OBS", truth.isel(time=2))]
-    for m in METHODS:
+    for m in ROWS:
         if m in fields:
             f = fields[m].isel(time=2)
             panels.append(
@@ -685,6 +687,12 @@ def figure_maps(
     plt.close(fig)
 
 
+def _pair(a: float, b: float) -> str:
+    """'a vs b' with two decimals, or three when two would show a tie that is not one."""
+    nd = 3 if f"{a:.2f}" == f"{b:.2f}" and a != b else 2
+    return f"{a:.{nd}f} vs {b:.{nd}f}"
+
+
 def _verdict(res: dict[str, Any], units: str) -> str:
     """Plain statements: does SLAMS (and SDA) beat the background and OI on CRPS at withheld stations, and is
     the spread calibrated?"""
@@ -700,7 +708,7 @@ def _verdict(res: dict[str, Any], units: str) -> str:
                 better = r["crps"] < tab[base]["crps"]
                 parts.append(
                     f"{'beats' if better else 'does not beat'} the {base} "
-                    f"({r['crps']:.2f} vs {tab[base]['crps']:.2f} {units})"
+                    f"({_pair(r['crps'], tab[base]['crps'])} {units})"
                 )
         ss = r.get("spread_skill")
         cal = (
@@ -756,6 +764,14 @@ def write_report(results: dict[str, Any]) -> None:
     summary = []
     tg_bias = results.get("tg real", {}).get("stats", {}).get("bias") or [np.nan]
     bias_range = f"{min(tg_bias):+.1f} to {max(tg_bias):+.1f}"
+    sda_twin_text = ""
+    if "SDA" in results.get("tp twin", {}).get("table", {}):
+        tw = results["tp twin"]["table"]
+        sda_twin_text = (
+            f"In the precipitation twin SDA (pixel space) has bias {tw['SDA']['bias']:+.2f} mm/day and CRPS "
+            f"{tw['SDA']['crps']:.2f} against {tw['SLAMS']['crps']:.2f} for SLAMS: its small, briefly "
+            "trained pixel prior is the weaker of the two. "
+        )
     tp_real_text = ""
     if "tp real" in results:
         t = results["tp real"]["table"]
@@ -778,10 +794,15 @@ def write_report(results: dict[str, Any]) -> None:
             f"RMSE {t['SLAMS']['rmse']:.2f} vs {t['background']['rmse']:.2f}, bias "
             f"{t['SLAMS']['bias']:+.2f}), SDA CRPS {t['SDA']['crps']:.2f}, OI {t['OI']['crps']:.2f}."
             + before
-            + " The spread/skill ratios near 2 at the stations are dominated by the "
+            + " The spread/skill ratios at the stations include the "
             f"estimated station errors ({min(so):.1f}-{max(so):.1f} mm/day: daily precipitation at a point "
-            "against a 0.25 deg cell), which enter the ratio; on the grid the score-based ensembles are "
-            "over-dispersed and OI under-dispersed. "
+            "against a 0.25 deg cell); on the grid, against E-OBS, spread/skill is "
+            + ", ".join(
+                f"{_fmt(t[name].get('grid_spread_skill'))} for {name}"
+                for name in ("OI", "SDA", "SLAMS")
+                if name in t
+            )
+            + ". "
         )
     for key, (title, units) in cases.items():
         for kind in ("real", "twin"):
@@ -789,6 +810,20 @@ def write_report(results: dict[str, Any]) -> None:
             if res is not None:
                 summary.append(f"**{title}, {kind}** ({res['days']} days x {res['folds']} folds):")
                 summary += [_verdict(res, units), ""]
+    for key, (title, units) in cases.items():
+        chain, real = results.get(f"{key} chain"), results.get(f"{key} real")
+        if chain is None or real is None or "CM + SLAMS" not in chain["table"]:
+            continue
+        c, cm, bg = chain["table"]["CM + SLAMS"], chain["table"]["CM"], real["table"]["background"]
+        sl = real["table"].get("SLAMS", {}).get("crps", float("nan"))
+        summary += [
+            f"**{title}, downscale then assimilate** (the real case's days and folds): CRPS at the withheld "
+            f"stations {bg['crps']:.2f} (background), {sl:.2f} (SLAMS on NCEP R1), {cm['crps']:.2f} (CM "
+            f"ensemble of NCEP R1 with QDM), {c['crps']:.2f} (CM + SLAMS) {units}; on the E-OBS grid "
+            f"{bg['grid_crps']:.2f}, {real['table'].get('SLAMS', {}).get('grid_crps', float('nan')):.2f}, "
+            f"{cm['grid_crps']:.2f}, {c['grid_crps']:.2f}.",
+            "",
+        ]
     out += [
         "## Summary",
         "",
@@ -800,9 +835,8 @@ def write_report(results: dict[str, Any]) -> None:
         "(U-shaped rank histograms for every method, OI included): the withheld-station errors are dominated "
         "by station biases against the cell average (e.g. mountain and coastal stations: mean "
         f"departures of {bias_range} degC from NCEP on the training winters) that no method sees from "
-        "the other stations. SDA (pixel space) is wet in the precipitation twin (bias above 1 mm/day): "
-        "its small, briefly trained "
-        "pixel prior is the weakest part in the twin. "
+        "the other stations. "
+        f"{sda_twin_text}"
         f"{tp_real_text}"
         "The samples are small "
         "(15 days per variable on real data, 5 in the precipitation twin and its ablation): differences of a "
@@ -982,7 +1016,7 @@ def chain_section(results: dict[str, Any], cases: dict[str, tuple[str, str]]) ->
         out += [
             f"**{title}** (scale {chain.get('scale', '?')}):",
             "",
-            table_md({"table": rows}, units),
+            table_md({"table": rows}, units, ROWS),
             "",
         ]
         c, cm = rows.get("CM + SLAMS"), rows.get("CM")
