@@ -326,10 +326,10 @@ def test_bf16_fast_path_agrees_with_fp32(cm_model, coarse):
 
 
 def test_error_spatial_chunks_that_cannot_be_merged(cm_model, coarse, monkeypatch):
-    import xdownscale.api as api
+    import xdownscale.preparation as preparation
     from xdownscale.errors import ChunkingError
 
-    monkeypatch.setattr(api, "MAX_FIELD_BYTES", 16)
+    monkeypatch.setattr(preparation, "MAX_FIELD_BYTES", 16)
     with pytest.raises(ChunkingError, match="too large to become one chunk"):
         coarse.chunk({"lat": 2}).downscale.cm(model=cm_model.path, scale="200 km")
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from xdownscale import api
 from xdownscale.core import spectra as core
 from xdownscale.errors import GridMismatchError, InputError, PerformanceWarning, XDownscaleWarning
+from xdownscale.preparation import lazy_sigma
 from xdownscale.xr.spectra import Scale, lowpass, masked_estimator, psd, select_scale, upscale
 
 LAT_ATTRS = {"standard_name": "latitude", "units": "degrees_north"}
@@ -603,7 +604,7 @@ def test_auto_scale_compares_the_input_with_the_target_estimator_and_warns_at_th
         legacy, old_way, input_wavenumber=0.125
     )
     # the lazy path gives the same sigma
-    lazy = api._lazy_sigma(transformed.chunk({"time": 5}), model, 365)
+    lazy = lazy_sigma(transformed.chunk({"time": 5}), model, 365)
     assert float(lazy.compute()) == pytest.approx(picked.sigma)
     weak = transformed * 0.1
     weak.attrs = transformed.attrs

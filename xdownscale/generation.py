@@ -1,0 +1,243 @@
+"""Steps 6-7 of a downscaling: noise of the chosen scale and denoising (eager, or one dask task per
+time chunk), the inverse transform, the input's large scales kept, the range check and the output's
+CF attributes and history."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import warnings
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError, XDownscaleWarning
+from .preparation import INPUT_WAVENUMBER_ATTR, model_mask
+from .xr.cf import find_grid
+
+__all__ = [
+    "RANGE_MARGIN",
+    "denoise",
+    "flag_out_of_range",
+    "output_attrs",
+    "preserve_rule",
+    "preserve_scales",
+]
+
+
+#: output beyond the model's training data range by more than this many times the range's span draws a
+#: warning (e.g. above twice the training maximum for precipitation)
+RANGE_MARGIN = 1.0
+
+
+def denoise(
+    transformed: xr.DataArray,
+    model: Any,
+    *,
+    method: str,
+    sigma: Any,
+    steps: int,
+    seed: int,
+    members: int,
+    device: str,
+    batch_size: int,
+    precision: str,
+    progress: bool | None,
+    time: str,
+) -> xr.DataArray:
+    from .models.inference import denoise_block, time_keys
+
+    fgrid = find_grid(transformed)
+    transformed = transformed.transpose(time, fgrid.ydim, fgrid.xdim)
+    keys = time_keys(transformed[time].values)
+    kwargs = dict(
+        model_path=str(model.path),
+        sha256=model.sha256,
+        method=method,
+        steps=steps,
+        seed=seed,
+        members=members,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+    )
+    if transformed.chunks is None:
+        show = True if progress is None else progress
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=transformed.sizes[time] * members,
+            disable=not show,
+            desc=f"downscale.{method}",
+            unit="field",
+        ) as bar:
+            data = denoise_block(
+                np.asarray(transformed.values, dtype=np.float32),
+                keys,
+                sigma=float(sigma),
+                progress=bar.update,
+                **kwargs,
+            )
+    else:
+        import dask.array as dsa
+        import torch
+
+        x = transformed.data.astype(np.float32)
+        key_arr = dsa.from_array(keys, chunks=(x.chunks[0],))
+        sigma_arr = (
+            sigma if isinstance(sigma, dsa.Array) else dsa.from_array(np.asarray(sigma, dtype=np.float64))
+        )
+
+        # token=, not name=: the key is a prefix plus a hash of the data, the seed and every
+        # setting, so two downscalings of the same data in one graph do not share blocks
+        data = dsa.map_blocks(
+            _denoise_dask_block,
+            x,
+            key_arr[:, None, None],
+            sigma_arr,
+            new_axis=1,
+            chunks=(x.chunks[0], (members,), x.chunks[1], x.chunks[2]),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+            token=f"xdownscale-{method}",
+            threads=torch.get_num_threads(),
+            **kwargs,
+        )
+    dims = (time, "member", fgrid.ydim, fgrid.xdim)
+    coords = {k: v for k, v in transformed.coords.items() if set(v.dims) <= set(dims)}
+    coords["member"] = ("member", np.arange(members))
+    return xr.DataArray(data, dims=dims, coords=coords)
+
+
+def _denoise_dask_block(
+    xb: np.ndarray, kb: np.ndarray, sb: np.ndarray, threads: int, **kwargs: Any
+) -> np.ndarray:
+    from .models.inference import denoise_block, use_threads
+
+    use_threads(threads)
+    return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
+
+
+def preserve_rule(preserve: Any, model: Any) -> str | None:
+    from .xr.preserve import default_rule
+
+    if preserve is True:
+        return default_rule(model.variable["kind"])
+    if preserve is False or preserve is None:
+        return None
+    if preserve in ("mean", "lowpass"):
+        if preserve == "mean" and model.variable["kind"] != "precipitation":
+            raise InputError(
+                f"preserve='mean' scales the output multiplicatively, for non-negative amounts; model "
+                f"'{model.name}' is for {model.variable['kind']}. Use preserve='lowpass' (or True)."
+            )
+        return str(preserve)
+    raise InputError(f"preserve={preserve!r}: expected True, False, 'mean' or 'lowpass'.")
+
+
+def preserve_scales(
+    out: xr.DataArray, transformed: xr.DataArray, da: xr.DataArray, model: Any, rule: str
+) -> Any:
+    """The output with the input's large scales (``rule``) restored, in the model's units."""
+    from .xr.domain import cut_to_domain
+    from .xr.preserve import preserve_large_scales
+
+    reference = model.transform.inverse(transformed).where(model_mask(model))
+    if rule == "mean":
+        with warnings.catch_warnings():  # any coverage warning was given by prepare already
+            warnings.simplefilter("ignore")
+            coarse = cut_to_domain(da, find_grid(da), model.grid, partial=True)
+        return preserve_large_scales(out, reference, rule="mean", coarse=coarse)
+    wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
+    if wavenumber is None:  # the input is at least as fine as the model grid
+        return out
+    return preserve_large_scales(out, reference, rule="lowpass", wavenumber=float(wavenumber))
+
+
+def flag_out_of_range(out: xr.DataArray, model: Any) -> xr.DataArray:
+    """``out`` (model units) unchanged; warns (when computed, for dask) when values lie beyond the model's
+    training data range by more than :data:`RANGE_MARGIN` times its span: an undertrained model, or an
+    input far out of distribution."""
+    t = model.transform
+    if getattr(t, "data_min", None) is None or getattr(t, "data_max", None) is None:
+        return out
+    span = float(t.data_max) - float(t.data_min)
+    lo, hi = float(t.data_min) - RANGE_MARGIN * span, float(t.data_max) + RANGE_MARGIN * span
+    units = model.variable["units"]
+
+    def check(block: np.ndarray) -> np.ndarray:
+        x = np.asarray(block)
+        bad = np.isfinite(x) & ((x < lo) | (x > hi))
+        if bad.any():
+            warnings.warn(
+                f"{int(bad.sum())} of {x.size} output values ({float(np.nanmin(x)):.4g} to "
+                f"{float(np.nanmax(x)):.4g} {units}) lie far outside model '{model.name}''s training range "
+                f"[{t.data_min:.4g}, {t.data_max:.4g}] {units}: the model may be undertrained (see the "
+                "validation in its card) or the input far from its training data (check the units, "
+                "try qdm=True or a smaller scale).",
+                XDownscaleWarning,
+                stacklevel=2,
+            )
+        return block
+
+    if out.chunks is None:
+        check(out.values)
+        return out
+    return out.copy(data=out.data.map_blocks(check, dtype=out.dtype))
+
+
+def output_attrs(
+    da: xr.DataArray,
+    model: Any,
+    *,
+    method: str,
+    scale: Any,
+    scale_arg: Any,
+    steps: int,
+    seed: int,
+    members: int,
+    qdm: Any,
+    preserve: str | None = None,
+) -> dict[str, Any]:
+    from ._version import __version__
+    from .xr.units import cf_names
+
+    # the input's own names, made consistent with its units: never the training data's long_name
+    attrs: dict[str, Any] = dict(cf_names(da, model.variable["kind"]))
+    attrs["cell_methods"] = da.attrs.get("cell_methods", "time: mean")
+    if scale is not None and scale.wavenumber is not None:
+        attrs["downscale_scale_wavenumber"] = float(scale.wavenumber)
+        attrs["downscale_scale_km"] = float(scale.wavelength_km)
+        attrs["downscale_scale_sigma"] = float(scale.sigma)
+        scale_text = (
+            f"{scale.wavelength_km:.0f} km (wavenumber {scale.wavenumber:.4f}, sigma {scale.sigma:.4f})"
+        )
+    elif scale is not None:
+        attrs["downscale_scale_sigma"] = float(scale.sigma)
+        scale_text = f"sigma {scale.sigma:.4f} (beyond the scales of the model's target spectrum)"
+    else:
+        scale_text = (
+            f"{scale_arg} (selected lazily at compute time; see da.downscale.select_scale(model=...))"
+        )
+    attrs["downscale_scale"] = scale_text
+    attrs["downscale_model"] = model.name
+    attrs["downscale_model_version"] = str(model.version)
+    attrs["downscale_model_sha256"] = model.sha256
+    attrs["downscale_method"] = method
+    attrs["downscale_members"] = int(members)
+    attrs["downscale_seed"] = int(seed)
+    attrs["downscale_preserve"] = preserve or "none"
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entry = (
+        f"{now}: xdownscale {__version__} {method} downscaling with model '{model.name}' v{model.version} "
+        f"(sha256 {model.sha256}), scale {scale_text}, steps {steps}, members {members}, seed {seed}"
+        f"{', QDM' if qdm is not False and qdm is not None else ''}"
+        f"{f', preserve {preserve!r}' if preserve else ''}"
+    )
+    previous = da.attrs.get("history")
+    attrs["history"] = f"{previous}\n{entry}" if previous else entry
+    attrs["downscale_config"] = json.dumps(
+        {"method": method, "steps": steps, "members": members, "seed": seed, "preserve": preserve}
+    )
+    return attrs
