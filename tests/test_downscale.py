@@ -325,6 +325,38 @@ def test_bf16_fast_path_agrees_with_fp32(cm_model, coarse):
     assert float(abs(t32 - t16).max()) < 2e-2
 
 
+def test_a_model_file_is_read_and_hashed_once_per_process(cm_model, coarse, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import xdownscale.models.model as model_module
+    from xdownscale.models import load_model, resolve_model
+
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(cm_model.path.with_suffix(suffix), tmp_path / f"{cm_model.name}{suffix}")
+    path = tmp_path / f"{cm_model.name}.json"
+    reads = []
+    real = model_module.read_safetensors
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "read_safetensors", counting)
+    x = coarse.isel(time=slice(0, 2))
+    first = x.downscale.cm(model=path, scale="200 km", seed=1, progress=False)
+    second = x.chunk({"time": 1}).downscale.cm(model=str(path), scale="200 km", seed=1).compute()
+    np.testing.assert_allclose(second.values, first.values, rtol=2e-6)
+    assert len(reads) == 1  # resolving the name, every call, the network that runs: one read
+    assert resolve_model(path) is resolve_model(str(path))
+    assert load_model(path) is not resolve_model(path)  # load_model: a copy of one's own
+    assert len(reads) == 2
+    weights = path.with_suffix(".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    resolve_model(path)  # a changed file is read again
+    assert len(reads) == 3
+
+
 def test_error_spatial_chunks_that_cannot_be_merged(cm_model, coarse, monkeypatch):
     import xdownscale.preparation as preparation
     from xdownscale.errors import ChunkingError

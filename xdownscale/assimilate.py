@@ -60,23 +60,32 @@ class PhysicalRangeWarning(XDownscaleWarning):
 
 
 def _load(model: Any, kind: str, device: str | None) -> Any:
-    from .models.assimilation import AssimilationModel, load_assimilation_model
+    from .models import resolve_model
+    from .models.assimilation import AssimilationModel
 
     if isinstance(model, AssimilationModel):
-        m = model
-    elif isinstance(model, (str, Path)):
-        m = load_assimilation_model(model)
-    else:
+        return _check_kind(model, kind).to(device) if device is not None else _check_kind(model, kind)
+    if not isinstance(model, (str, Path)):
         raise InputError(
             f"model={model!r} is not the name or path of an assimilation model, nor a loaded one; train one "
             "with xdownscale.models.assimilation.train_assimilation(kind='slams', ...)."
         )
+    m = resolve_model(model, device=device)  # read and hashed once per process
+    if not isinstance(m, AssimilationModel):
+        raise InputError(
+            f"Model '{m.name}' is a '{m.kind}' (downscaling) model; {kind}() needs a '{kind}' model: train "
+            "one with xdownscale.models.assimilation.train_assimilation(kind='slams', ...)."
+        )
+    return _check_kind(m, kind)
+
+
+def _check_kind(m: Any, kind: str) -> Any:
     if m.kind != kind:
         raise InputError(
             f"Model '{m.name}' is a '{m.kind}' model; {kind}() needs a '{kind}' model. Call "
             f"xdownscale.assimilate.{m.kind}(...) instead, or pass a '{kind}' model."
         )
-    return m.to(device) if device is not None else m
+    return m
 
 
 def _same_grid(da: xr.DataArray, grid_ds: xr.Dataset) -> bool:

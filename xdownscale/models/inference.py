@@ -118,9 +118,16 @@ def cached_model(path: str, sha256: str, device: str) -> Any:
         model = _MODELS.get(key)
         if model is None:
             from . import load_model
+            from .loading import already_read
 
             set_torch_threads()
-            model = load_model(path, device=device)
+            read = already_read(path, sha256)  # the file as resolve_model read it: not read a second time
+            if read is None:
+                model = load_model(path, device=device)
+            elif read.device == torch.device(device):
+                model = read
+            else:
+                model = copy.deepcopy(read).to(device)
             if model.sha256 != sha256:
                 from ..errors import WeightsIntegrityError
 

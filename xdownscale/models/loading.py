@@ -6,7 +6,10 @@ the loader of that kind, so that neither kind's module needs the other.
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,8 +63,48 @@ def load_model(
     return load_downscaling_model(card_path, device=device)
 
 
+#: models :func:`resolve_model` read from their files in this process, on the CPU: a file is read and
+#: hashed once, again only when it changes (size or modification time)
+_READ: dict[tuple[str, int, int], Model | AssimilationModel] = {}
+_READ_LOCK = threading.Lock()
+
+
+def _file_stamp(card_path: Path) -> tuple[str, int, int]:
+    weights = card_path.with_suffix(".safetensors")
+    stat = (weights if weights.is_file() else card_path).stat()
+    return str(card_path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def read_once(name_or_path: str | os.PathLike[str]) -> Model | AssimilationModel:
+    """The model at ``name_or_path`` as read by this process (on the CPU): the first call reads and hashes
+    the file (:func:`load_model`), later calls return the same object until the file changes. Shared:
+    use :func:`load_model` for a copy of your own to change or move."""
+    card_path = find_model(name_or_path)
+    key = _file_stamp(card_path)
+    with _READ_LOCK:
+        model = _READ.get(key)
+        if model is None:
+            model = load_model(card_path)
+            _READ[key] = model
+        return model
+
+
+def already_read(weights: str | os.PathLike[str], sha256: str) -> Model | AssimilationModel | None:
+    """The model :func:`read_once` read from the weights file ``weights`` with this sha256, or None."""
+    want = Path(weights).resolve()
+    with _READ_LOCK:
+        for model in _READ.values():
+            if model.sha256 == sha256 and model.path is not None and Path(model.path).resolve() == want:
+                return model
+    return None
+
+
 def resolve_model(model: object, *, device: str | torch.device | None = None) -> Model | AssimilationModel:
     """A loaded model from a model name, a path, or a model already loaded (returned as it is).
+
+    A name or path is read and hashed once per process (:func:`read_once`: the same object for the same
+    file until it changes, on the CPU unless ``device`` asks for another; :func:`load_model` gives a copy
+    of your own).
 
     This is how every surface of the package (functions, accessors, command line, batch jobs) reads its
     ``model=`` argument. Jobs identify a model by its file (path and sha256): the network that runs is
@@ -80,7 +123,10 @@ def resolve_model(model: object, *, device: str | torch.device | None = None) ->
     if isinstance(model, (Model, AssimilationModel)):
         return model
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, device="cpu" if device is None else device)
+        shared = read_once(model)
+        if device is None or torch.device(device) == shared.device:
+            return shared
+        return copy.deepcopy(shared).to(device)
     from ..errors import InputError
 
     raise InputError(
