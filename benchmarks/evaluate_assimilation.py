@@ -162,11 +162,11 @@ def pick_blocks(times: np.ndarray, n: int) -> list[np.ndarray]:
 def at_points(field: xr.DataArray, stations: xr.DataArray) -> np.ndarray:
     """``field`` (time, [member,] lat, lon) at the stations: bilinear from the finite cells only;
     returns (time, member, station) (member 1 for a deterministic field)."""
-    from xdownscale.assimilate import _points_on
+    from xdownscale.assimilate import at_stations
 
     if "member" not in field.dims:
         field = field.expand_dims(member=[0], axis=1)
-    out = [_points_on(field.isel(member=k), stations)[0] for k in range(field.sizes["member"])]
+    out = [at_stations(field.isel(member=k), stations)[0] for k in range(field.sizes["member"])]
     return np.stack(out, axis=1)
 
 

@@ -338,6 +338,34 @@ def test_members_do_not_depend_on_batch(tiny_models):
 
 
 @pytest.mark.filterwarnings("ignore:steps=8")
+def test_the_torch_door_takes_and_returns_arrays(tiny_models):
+    """models.analysis is where assimilation meets torch: modalities as arrays in, members as arrays out."""
+    from xdownscale.models.analysis import Observed, analyse, points_usable
+
+    m = tiny_models["sda"]
+    ny, nx = m.shape
+    n_time = 3
+    length = max(n_time, m.window)
+    y = np.full((length, 1, ny * nx), np.nan)
+    y[:n_time, 0] = 0.0
+    background = Observed("background", "cells", y, np.ones_like(y))
+    iy, ix = np.array([1.5, 4.0]), np.array([2.0, 5.5])
+    assert points_usable(m, iy, ix).all()
+    ys = np.full((length, 1, 2), np.nan)
+    ys[:n_time, 0] = 1.0
+    stations = Observed("stations", "points", ys, np.full_like(ys, 0.1), iy=iy, ix=ix)
+    kw = dict(n_time=n_time, length=length, start=0, members=2, steps=4, corrections=0, tau=0.5, gamma=1e-2)
+    out = analyse(m, "sda", [background], [stations], seed=1, **kw)
+    assert out.shape == (2, n_time, ny, nx) and np.isfinite(out).all()
+    alone = analyse(m, "sda", [background], [stations], seed=1, batch_size=1, **kw)  # keyed noise per member
+    np.testing.assert_allclose(alone, out, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(analyse(m, "sda", [background], [stations], seed=2, **kw), out)
+    with pytest.raises(InputError, match="points need iy and ix"):
+        analyse(m, "sda", [background], [Observed("x", "points", ys, ys)], seed=1, **kw)
+    with pytest.raises(InputError, match="expected 'slams' or 'sda'"):
+        analyse(m, "oi", [background], [], seed=1, **kw)
+
+
 def test_dask_background_is_assimilated_lazily_window_by_window(tiny_models):
     from xdownscale.assimilate import sda
 

@@ -37,7 +37,14 @@ import xarray as xr
 from .errors import GridMismatchError, InputError, MissingCoordinateError, UnitError, XDownscaleWarning
 from .xr.cf import find_grid, find_time, standard_layout
 
-__all__ = ["PhysicalRangeWarning", "estimate_observation_error", "optimal_interpolation", "sda", "slams"]
+__all__ = [
+    "PhysicalRangeWarning",
+    "at_stations",
+    "estimate_observation_error",
+    "optimal_interpolation",
+    "sda",
+    "slams",
+]
 
 #: fewer predictor steps than this give a warning
 MIN_STEPS = 32
@@ -286,13 +293,11 @@ def _assimilate(
     # the first window is checked at once (and gives the metadata): errors come at the call, not at compute
     bg0, st0, sa0, obs0 = dask.compute(*inputs(windows[0]))
     meta = _window(kind, bg0, st0, sa0, obs0, options, dry=True)
-    import torch
+    from .models.inference import caller_threads
 
     parts = []
     for window in windows:
-        task = dask.delayed(_window, pure=False)(
-            kind, *inputs(window), options, threads=torch.get_num_threads()
-        )
+        task = dask.delayed(_window, pure=False)(kind, *inputs(window), options, threads=caller_threads())
         values = dask.delayed(lambda a: a.transpose(*meta.dims).values, pure=False)(task)
         shape = (window.stop - window.start, *meta.shape[1:])
         parts.append(dsa.from_delayed(values, shape=shape, dtype=meta.dtype))
@@ -329,11 +334,7 @@ def _assimilate_eager(
     progress: bool | None,
     _dry: bool = False,
 ) -> xr.DataArray:
-    import torch
-
-    from .core.observations import AreaAverage, BilinearPoints
-    from .core.rng import KeyedNoise, sample_key
-    from .core.vpsde import ETA, VPSDE, Modality, PosteriorEps, WindowedEps, sample_vp
+    from .models.analysis import Observed, analyse, points_usable
     from .xr.observations import satellite_on_grid, stations_on_grid
     from .xr.units import convert_units
 
@@ -384,22 +385,13 @@ def _assimilate_eager(
     ny, nx = m.shape
     K = m.window
     length = max(n_time, K)
-    dev = m.device
     mask = m.mask
+    if kind == "slams" and m.autoencoder is None:
+        raise InputError(f"Model '{m.name}' has no autoencoder; it cannot be used for SLAMS.")
 
-    def physical(op: Any) -> Any:
-        """Operators act on the state in physical units (area means and interpolation of precipitation,
-        not of its logarithm: no Jensen bias); their output is compared in the model space, or in
-        physical units with likelihood='physical'."""
-        if not m.nonlinear:
-            return op
-        if in_physical_units:
-            return lambda x: op(m.from_model_space_torch(x))
-        return lambda x: m.to_model_space_torch(op(m.from_model_space_torch(x)))
-
-    # (name, operator on the model-space state, y (length, 1, M), std (length, 1, M), linearize): y and
-    # std in the model space, or in physical units with likelihood='physical'
-    mods: list[tuple[str, Any, np.ndarray, np.ndarray, bool]] = []
+    # the modalities on the model grid: y and std in the model space, or in physical units with
+    # likelihood='physical'; area means and points act on the state in physical units (no Jensen bias)
+    mods: list[Observed] = []
 
     def pad(
         values: np.ndarray, std: np.ndarray, physical_units: bool = True
@@ -422,7 +414,7 @@ def _assimilate_eager(
                 f"{int(mask.sum())} valid cells); pass data over the model's land cells."
             )
         y, s = pad(values[:, keep], np.broadcast_to(std, keep.shape)[keep])
-        mods.append((name, physical(AreaAverage(w, shape=(ny, nx))), y, s, in_physical_units))
+        mods.append(Observed(name, "area", y, s, physical=in_physical_units, weights=w))
 
     bstd = float(background_std if background_std is not None else m.background_std)
     if not np.isfinite(bstd) or bstd <= 0:
@@ -439,7 +431,7 @@ def _assimilate_eager(
             # a background on the model grid stays in the model space: compared cell by cell it anchors
             # the state everywhere, also where the clamped map to physical units has no gradient
             y, s = pad(vals.reshape(n_time, -1), np.full(ny * nx, bstd), physical_units=False)
-            mods.append(("background", lambda x: x.flatten(-2), y, s, False))
+            mods.append(Observed("background", "cells", y, s))
         else:
             sat = satellite_on_grid(bgb, template, std=bstd)
             area("the background", sat.weights, sat.values, sat.std)
@@ -462,93 +454,49 @@ def _assimilate_eager(
             raise InputError(f"{name} must be an xarray.DataArray, got {type(da).__name__}.")
         if what == "stations":
             so = stations_on_grid(da, template, std=std)
-            op = BilinearPoints(so.iy, so.ix, shape=(ny, nx), periodic=m.periodic, mask=mask)
-            if not op.valid.any():
+            usable = points_usable(m, so.iy, so.ix)
+            if not usable.any():
                 raise GridMismatchError(
                     f"All {len(so.names)} stations of {name} lie on cells that model '{m.name}' masks "
                     "(e.g. sea in a land-only product); none can be assimilated."
                 )
-            if not op.valid.all():
-                dropped = [n for n, v in zip(so.names, op.valid, strict=True) if not v]
+            if not usable.all():
+                dropped = [n for n, v in zip(so.names, usable, strict=True) if not v]
                 warnings.warn(
                     f"{len(dropped)} of {len(so.names)} stations of {name} have only masked cells (e.g. sea) "
                     f"of model '{m.name}' around them and are dropped: {', '.join(dropped)}.",
                     XDownscaleWarning,
                     stacklevel=3,
                 )
-                k = op.valid
-                op = BilinearPoints(so.iy[k], so.ix[k], shape=(ny, nx), periodic=m.periodic, mask=mask)
-                so.values, so.std = so.values[:, k], so.std[k]
+                so.iy, so.ix = so.iy[usable], so.ix[usable]
+                so.values, so.std = so.values[:, usable], so.std[usable]
             y, s = pad(so.values, so.std)
-            mods.append((name, physical(op), y, s, in_physical_units))
+            mods.append(Observed(name, "points", y, s, physical=in_physical_units, iy=so.iy, ix=so.ix))
         else:
             sa = satellite_on_grid(da, template, std=std)
             area(name, sa.weights, sa.values, sa.std)
 
-    sde = VPSDE(float(m.card["assimilation"].get("eta", ETA)))
-    prior = WindowedEps(m.score_net, K, sde)
-    ae = m.autoencoder
-    if kind == "slams":
-        if ae is None:
-            raise InputError(f"Model '{m.name}' has no autoencoder; it cannot be used for SLAMS.")
-        lh, lw = ae.latent_size((ny, nx))
-        sample_shape = (length, ae.latent_channels, lh, lw)
-
-        def decoder(z: torch.Tensor) -> torch.Tensor:
-            b = z.shape[0]
-            return ae.decode(z.reshape(b * length, *z.shape[2:]), size=(ny, nx)).reshape(b, length, 1, ny, nx)
-    else:
-        sample_shape = (length, 1, ny, nx)
-        decoder = None  # type: ignore[assignment]
-
-    def modality(name: str, op: Any, y: np.ndarray, s: np.ndarray, linearize: bool) -> Modality:
-        return Modality(
-            op,
-            torch.as_tensor(y, dtype=torch.float32, device=dev),
-            torch.as_tensor(s, dtype=torch.float32, device=dev),
-            name,
-            linearize=linearize,
-        )
-
-    shared = [modality(*mod) for mod in mods]
-
     def sample() -> np.ndarray:
         """(member, time, ny, nx) in the model space."""
         t0 = np.asarray(times.values[:1]).astype("datetime64[ns]").astype(np.int64)[0] if n_time else 0
-        keys = [sample_key("assimilate", kind, int(t0), int(n_time), member) for member in range(members)]
-        bsz = int(batch_size or members)
-        groups = [[k for k in range(members) if k % n_bg == b] for b in range(n_bg)]
-        batches = [(b, g[i : i + bsz]) for b, g in enumerate(groups) for i in range(0, len(g), bsz)]
-        outs: dict[int, np.ndarray] = {}
-        bar = None
-        if _auto_progress(progress, steps * (1 + corrections) * members * max(length - K + 1, 1)):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps * len(batches), desc=f"{kind} analysis", leave=False)
-        posteriors: dict[int, PosteriorEps] = {}
-        for b, idx in batches:
-            if b not in posteriors:
-                posteriors[b] = PosteriorEps(
-                    prior, [modality(*bg_mods[b]), *shared], sde, gamma=gamma, decoder=decoder, steps=steps
-                )
-            noise = KeyedNoise([keys[k] for k in idx], seed=int(seed), shape=sample_shape, device=dev)
-            x = sample_vp(
-                posteriors[b],
-                (len(noise), *sample_shape),
-                noise=noise,
-                sde=sde,
-                steps=steps,
-                corrections=corrections,
-                tau=tau,
-                callback=(lambda _: bar.update(1)) if bar else None,
-            )
-            with torch.no_grad():
-                state = decoder(x) if decoder is not None else x
-            for member_k, field_k in zip(idx, state[:, :n_time, 0].cpu().numpy(), strict=True):
-                outs[member_k] = field_k
-        if bar is not None:
-            bar.close()
-        return np.stack([outs[j] for j in range(members)])
+        work = steps * (1 + corrections) * members * max(length - K + 1, 1)
+        return analyse(
+            m,
+            kind,
+            bg_mods,
+            mods,
+            n_time=n_time,
+            length=length,
+            start=int(t0),
+            members=members,
+            steps=steps,
+            corrections=corrections,
+            tau=tau,
+            gamma=gamma,
+            seed=seed,
+            batch_size=batch_size,
+            progress=_auto_progress(progress, work),
+        )
 
     # a dry run (the first window of a lazy analysis) checks the inputs and builds the metadata only
     analysis = np.zeros((members, n_time, ny, nx), np.float32) if _dry else sample()
@@ -566,7 +514,7 @@ def _assimilate_eager(
             background,
             m,
             kind=kind,
-            names=[bg_mods[0][0], *(n for n, *_ in mods)],
+            names=[bg_mods[0].name, *(o.name for o in mods)],
             members=members,
             steps=steps,
             corrections=corrections,
@@ -630,12 +578,10 @@ def _attrs(
     return attrs
 
 
-def _points_on(field: xr.DataArray, stations: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
+def at_stations(field: xr.DataArray, stations: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
     """``field`` (time, lat, lon) bilinearly at the stations, from its valid (finite) cells only:
     (time, station) values (NaN for stations outside or among missing cells) and the inside mask."""
-    import torch
-
-    from .core.observations import BilinearPoints
+    from .models.analysis import points_at
     from .xr.observations import station_indices
 
     with warnings.catch_warnings():
@@ -646,9 +592,8 @@ def _points_on(field: xr.DataArray, stations: xr.DataArray) -> tuple[np.ndarray,
     valid = np.asarray(np.isfinite(vals).all(axis=0), dtype=bool)
     out = np.full((vals.shape[0], iy.size), np.nan)
     if inside.any():
-        op = BilinearPoints(iy[inside], ix[inside], shape=valid.shape, periodic=g.periodic, mask=valid)
-        at = op(torch.as_tensor(np.nan_to_num(vals))).numpy()
-        at[:, ~op.valid] = np.nan
+        at, usable = points_at(vals, iy[inside], ix[inside], valid=valid, periodic=g.periodic)
+        at[:, ~usable] = np.nan
         out[:, inside] = at
     return out, inside
 
@@ -722,7 +667,7 @@ def estimate_observation_error(
         raise UnitError("The background has no units attribute; set background.attrs['units'].")
     la, lo, _ = find_points(stations)
     y, dim = _station_frame(stations, background, str(units))
-    hb, inside = _points_on(background, stations)
+    hb, inside = at_stations(background, stations)
     if int(inside.sum()) < 3:
         raise InputError(
             f"Only {int(inside.sum())} stations lie inside the background's domain; estimating error "
@@ -819,7 +764,7 @@ def optimal_interpolation(
         fine = fine.where(xr.DataArray(land, dims=(g.ydim, g.xdim)))
     la, lo, dim = find_points(stations)
     y, _ = _station_frame(stations, fine, str(units))
-    hb, inside = _points_on(fine, stations)
+    hb, inside = at_stations(fine, stations)
     if not inside.any():
         raise InputError("No station lies inside the background's domain; nothing to interpolate.")
     if stations_std is None or background_std is None or length_scale_km is None:

@@ -46,7 +46,7 @@ def denoise(
     progress: bool | None,
     time: str,
 ) -> xr.DataArray:
-    from .models.inference import denoise_block, time_keys
+    from .models.inference import caller_threads, denoise_block, time_keys
 
     fgrid = find_grid(transformed)
     transformed = transformed.transpose(time, fgrid.ydim, fgrid.xdim)
@@ -81,7 +81,6 @@ def denoise(
             )
     else:
         import dask.array as dsa
-        import torch
 
         x = transformed.data.astype(np.float32)
         key_arr = dsa.from_array(keys, chunks=(x.chunks[0],))
@@ -101,7 +100,7 @@ def denoise(
             dtype=np.float32,
             meta=np.empty((0, 0, 0, 0), dtype=np.float32),
             token=f"xdownscale-{method}",
-            threads=torch.get_num_threads(),
+            threads=caller_threads(),
             **kwargs,
         )
     dims = (time, "member", fgrid.ydim, fgrid.xdim)

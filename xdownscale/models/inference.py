@@ -48,6 +48,7 @@ __all__ = [
     "PRECISIONS",
     "PrefetchedNoise",
     "cached_model",
+    "caller_threads",
     "choose_device",
     "compile_policy",
     "denoise_block",
@@ -91,6 +92,11 @@ def set_torch_threads() -> None:
         return
     nthreads = int(getattr(worker.state, "nthreads", 0) or getattr(worker, "nthreads", 0) or 1)
     torch.set_num_threads(max(1, min(nthreads, os.cpu_count() or 1)))
+
+
+def caller_threads() -> int:
+    """torch's thread count on this thread (taken where a dask graph is built, for :func:`use_threads`)."""
+    return int(torch.get_num_threads())
 
 
 def use_threads(threads: int) -> None:
