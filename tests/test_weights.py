@@ -50,3 +50,9 @@ def test_readme_main_job_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert DEFAULT_MODEL in result.output
     assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.nc").exists()
+
+
+def test_readme_lists_every_shipped_model() -> None:
+    readme = (WEIGHTS.parent / "README.md").read_text(encoding="utf-8")
+    missing = [p.stem for p in sorted(WEIGHTS.glob("*.json")) if f"`{p.stem}`" not in readme]
+    assert not missing, f"README.md's model table lacks {missing}"
