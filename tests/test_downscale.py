@@ -357,6 +357,13 @@ def test_a_model_file_is_read_and_hashed_once_per_process(cm_model, coarse, tmp_
     assert len(reads) == 3
 
 
+def test_error_an_assimilation_model_cannot_downscale(coarse):
+    with pytest.raises(
+        InputError, match="'slams' \\(data assimilation\\) model; downscaling needs a 'cm' or 'sde'"
+    ):
+        coarse.downscale.cm(model="slams-eobs-iberia-0.25deg-pr", scale="200 km")
+
+
 def test_error_spatial_chunks_that_cannot_be_merged(cm_model, coarse, monkeypatch):
     import xdownscale.preparation as preparation
     from xdownscale.errors import ChunkingError

@@ -62,3 +62,29 @@ def test_public_names_resolve() -> None:
 
     for name in xdownscale.__all__:
         assert getattr(xdownscale, name) is not None, name
+
+
+@pytest.mark.parametrize(
+    ("method", "function", "differs"),
+    [
+        ("cm", "downscale", {"method", "steps"}),
+        ("sde", "downscale", {"method", "steps"}),
+        ("plan", "plan", {"steps"}),
+        ("prepare", "prepare", set()),
+    ],
+)
+def test_accessor_methods_spell_out_the_functions_keywords(method: str, function: str, differs: set) -> None:
+    """help(da.downscale.cm) and IDE completion show every keyword, with the function's defaults (cm and
+    sde fix the method and default their own steps)."""
+    import inspect
+
+    import xdownscale.api as api
+    from xdownscale.accessors import DownscaleAccessor
+
+    fn = dict(inspect.signature(getattr(api, function)).parameters)
+    acc = dict(inspect.signature(getattr(DownscaleAccessor, method)).parameters)
+    fn.pop("da"), acc.pop("self")
+    assert not any(p.kind is p.VAR_KEYWORD for p in acc.values()), f"{method} takes **kwargs"
+    assert set(fn) - differs == set(acc) - differs
+    for name in set(fn) - differs:
+        assert acc[name].default == fn[name].default, name

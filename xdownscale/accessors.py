@@ -17,6 +17,8 @@ import xarray as xr
 from .assimilate import DEFAULT_LIKELIHOOD, DEFAULT_MEMBERS, DEFAULT_STEPS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .models.loading import ModelLike
+    from .planning import Plan
     from .xr.qdm import QDM
     from .xr.spectra import Scale
 
@@ -42,19 +44,30 @@ class DownscaleAccessor:
     # -- the call users came for -------------------------------------------------------------------
     def cm(
         self,
-        model: Any,
+        model: ModelLike,
         *,
         scale: Any = "auto",
         members: int = 1,
         seed: int = 0,
         steps: int = 1,
+        qdm: bool | QDM = False,
+        hist: slice | xr.DataArray | None = None,
+        regrid: str = "bilinear",
+        lowpass: bool = True,
+        units: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        member_dim: bool | None = None,
+        progress: bool | None = None,
+        scale_sample: int = 365,
+        qdm_kwargs: dict[str, Any] | None = None,
         preserve: bool | str = True,
-        **kwargs: Any,
     ) -> xr.DataArray:
         """Downscale with a consistency model: noise to ``scale`` and denoise in ``steps`` calls; the
         input's large scales are kept (``preserve``).
 
-        Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for all arguments.
+        Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for every argument.
         """
         from .api import downscale
 
@@ -66,24 +79,46 @@ class DownscaleAccessor:
             members=members,
             seed=seed,
             steps=steps,
+            qdm=qdm,
+            hist=hist,
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            member_dim=member_dim,
+            progress=progress,
+            scale_sample=scale_sample,
+            qdm_kwargs=qdm_kwargs,
             preserve=preserve,
-            **kwargs,
         )
 
     def sde(
         self,
-        model: Any,
+        model: ModelLike,
         *,
         scale: Any = "auto",
-        steps: int = 500,
         members: int = 1,
         seed: int = 0,
+        steps: int = 500,
+        qdm: bool | QDM = False,
+        hist: slice | xr.DataArray | None = None,
+        regrid: str = "bilinear",
+        lowpass: bool = True,
+        units: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        member_dim: bool | None = None,
+        progress: bool | None = None,
+        scale_sample: int = 365,
+        qdm_kwargs: dict[str, Any] | None = None,
         preserve: bool | str = True,
-        **kwargs: Any,
     ) -> xr.DataArray:
         """Downscale with the score-based SDE bridge baseline (slow: ``steps`` network calls).
 
-        Forwards to :func:`xdownscale.downscale` with ``method="sde"``.
+        Forwards to :func:`xdownscale.downscale` with ``method="sde"``; see there for every argument.
         """
         from .api import downscale
 
@@ -95,11 +130,44 @@ class DownscaleAccessor:
             members=members,
             seed=seed,
             steps=steps,
+            qdm=qdm,
+            hist=hist,
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            member_dim=member_dim,
+            progress=progress,
+            scale_sample=scale_sample,
+            qdm_kwargs=qdm_kwargs,
             preserve=preserve,
-            **kwargs,
         )
 
-    def plan(self, model: Any, *, method: str | None = None, **kwargs: Any) -> Any:
+    def plan(
+        self,
+        model: ModelLike,
+        *,
+        method: str | None = None,
+        scale: Any = "auto",
+        members: int = 1,
+        seed: int = 0,
+        steps: int | None = None,
+        qdm: bool | QDM = False,
+        hist: slice | xr.DataArray | None = None,
+        regrid: str = "bilinear",
+        lowpass: bool = True,
+        units: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        member_dim: bool | None = None,
+        progress: bool | None = None,
+        scale_sample: int = 365,
+        qdm_kwargs: dict[str, Any] | None = None,
+        preserve: bool | str = True,
+    ) -> Plan:
         """Resolve a downscaling of this field once (model, QDM fit, scale, settings) to apply to any
         period: ``p = hist.downscale.plan(model, qdm=True); p.apply(future)``.
 
@@ -108,19 +176,61 @@ class DownscaleAccessor:
         """
         from .api import plan
 
-        return plan(self._da, model=model, method=method, **kwargs)
+        return plan(
+            self._da,
+            model=model,
+            method=method,
+            scale=scale,
+            members=members,
+            seed=seed,
+            steps=steps,
+            qdm=qdm,
+            hist=hist,
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+            member_dim=member_dim,
+            progress=progress,
+            scale_sample=scale_sample,
+            qdm_kwargs=qdm_kwargs,
+            preserve=preserve,
+        )
 
-    def prepare(self, model: Any, **kwargs: Any) -> xr.DataArray:
+    def prepare(
+        self,
+        model: ModelLike,
+        *,
+        regrid: str = "bilinear",
+        lowpass: bool = True,
+        qdm: bool | QDM = False,
+        hist: slice | xr.DataArray | None = None,
+        units: str | None = None,
+        transform: bool = True,
+        qdm_kwargs: dict[str, Any] | None = None,
+    ) -> xr.DataArray:
         """Everything up to the network input (units, regrid, low-pass, QDM, transform).
 
         Forwards to :func:`xdownscale.prepare`.
         """
         from .api import prepare
 
-        return prepare(self._da, model=model, **kwargs)
+        return prepare(
+            self._da,
+            model=model,
+            regrid=regrid,
+            lowpass=lowpass,
+            qdm=qdm,
+            hist=hist,
+            units=units,
+            transform=transform,
+            qdm_kwargs=qdm_kwargs,
+        )
 
     def select_scale(
-        self, model: Any = None, *, psd_fine: xr.DataArray | None = None, **kwargs: Any
+        self, model: ModelLike | None = None, *, psd_fine: xr.DataArray | None = None, **kwargs: Any
     ) -> Scale:
         """The scale ``scale="auto"`` would pick: where this field's spectrum meets the model's.
 
@@ -186,7 +296,7 @@ class AssimilateAccessor:
 
     def slams(
         self,
-        model: Any,
+        model: ModelLike,
         *,
         stations: xr.DataArray | None = None,
         satellite: xr.DataArray | None = None,
@@ -214,7 +324,7 @@ class AssimilateAccessor:
 
     def sda(
         self,
-        model: Any,
+        model: ModelLike,
         *,
         stations: xr.DataArray | None = None,
         satellite: xr.DataArray | None = None,

@@ -28,7 +28,7 @@ and :mod:`xdownscale.planning` (the resolved :class:`Plan`); this module is the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -51,6 +51,9 @@ from .preparation import (
     to_model_grid,
 )
 
+if TYPE_CHECKING:
+    from .models.loading import ModelLike
+
 __all__ = [
     "INPUT_WAVENUMBER_ATTR",
     "METHODS",
@@ -68,7 +71,7 @@ __all__ = [
 def prepare(
     da: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     regrid: str = "bilinear",
     lowpass: bool = True,
     qdm: Any = False,
@@ -126,7 +129,7 @@ def prepare(
 def select_scale(
     da: xr.DataArray,
     *,
-    model: Any = None,
+    model: ModelLike | None = None,
     psd_fine: xr.DataArray | None = None,
     sample: int = 365,
     **kwargs: Any,
@@ -189,7 +192,7 @@ def select_scale(
 def downscale(
     da: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     method: str = "cm",
     scale: Any = "auto",
     members: int = 1,
@@ -330,7 +333,7 @@ def downscale(
 def plan(
     da: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     method: str | None = None,
     scale: Any = "auto",
     members: int = 1,

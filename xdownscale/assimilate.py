@@ -29,13 +29,17 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
 from .errors import GridMismatchError, InputError, MissingCoordinateError, UnitError, XDownscaleWarning
 from .xr.cf import find_grid, find_time, standard_layout
+
+if TYPE_CHECKING:
+    from .models.assimilation import AssimilationModel
+    from .models.loading import ModelLike
 
 __all__ = [
     "PhysicalRangeWarning",
@@ -66,7 +70,7 @@ class PhysicalRangeWarning(XDownscaleWarning):
     """The analysis has values outside the physically plausible range of the model's variable."""
 
 
-def _load(model: Any, kind: str, device: str | None) -> Any:
+def _load(model: object, kind: str, device: str | None) -> AssimilationModel:
     from .models import resolve_model
     from .models.assimilation import AssimilationModel
 
@@ -86,7 +90,7 @@ def _load(model: Any, kind: str, device: str | None) -> Any:
     return _check_kind(m, kind)
 
 
-def _check_kind(m: Any, kind: str) -> Any:
+def _check_kind(m: AssimilationModel, kind: str) -> AssimilationModel:
     if m.kind != kind:
         raise InputError(
             f"Model '{m.name}' is a '{m.kind}' model; {kind}() needs a '{kind}' model. Call "
@@ -105,7 +109,9 @@ def _same_grid(da: xr.DataArray, grid_ds: xr.Dataset) -> bool:
     )
 
 
-def _to_model_space(model: Any, values: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _to_model_space(
+    model: AssimilationModel, values: np.ndarray, std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Observations and error std in the model space; the std maps through the transform's secant over
     ``[value - std, value + std]`` (exact for affine transforms, as for temperature)."""
     values = np.asarray(values, dtype=np.float64)
@@ -120,7 +126,7 @@ def _to_model_space(model: Any, values: np.ndarray, std: np.ndarray) -> tuple[np
     return np.where(finite, model.to_model_space(v), np.nan), slope * std
 
 
-def _template(model: Any, times: xr.DataArray, units: str) -> xr.DataArray:
+def _template(model: AssimilationModel, times: xr.DataArray, units: str) -> xr.DataArray:
     grid = model.grid
     ny, nx = model.shape
     ydim, xdim = model.card["grid"]["dims"]
@@ -170,7 +176,7 @@ def _auto_progress(progress: bool | None, work: int) -> bool:
     return bool(work >= PROGRESS_WORK) if progress is None else bool(progress)
 
 
-def _check_plausible(phys: np.ndarray, m: Any, label: str) -> None:
+def _check_plausible(phys: np.ndarray, m: AssimilationModel, label: str) -> None:
     """Warn about analysis values outside the model's training range widened by half its width
     (and below zero for precipitation): physically implausible values."""
     lo, hi = float(m.transform.data_min), float(m.transform.data_max)
@@ -315,7 +321,7 @@ def _assimilate_eager(
     kind: str,
     background: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     stations: xr.DataArray | None,
     satellite: xr.DataArray | None,
     observations: Mapping[str, tuple[xr.DataArray, Any]] | None,
@@ -532,7 +538,7 @@ def _assimilate_eager(
 
 def _attrs(
     background: xr.DataArray,
-    m: Any,
+    m: AssimilationModel,
     *,
     kind: str,
     names: list[str],
@@ -909,7 +915,7 @@ _DOC = """Analysis ensemble of ``background`` given observations, by {what}.
 def slams(
     background: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     stations: xr.DataArray | None = None,
     satellite: xr.DataArray | None = None,
     observations: Mapping[str, tuple[xr.DataArray, Any]] | None = None,
@@ -934,7 +940,7 @@ def slams(
 def sda(
     background: xr.DataArray,
     *,
-    model: Any,
+    model: ModelLike,
     stations: xr.DataArray | None = None,
     satellite: xr.DataArray | None = None,
     observations: Mapping[str, tuple[xr.DataArray, Any]] | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -15,6 +15,9 @@ import xarray as xr
 from .errors import InputError, XDownscaleWarning
 from .preparation import INPUT_WAVENUMBER_ATTR, model_mask
 from .xr.cf import find_grid
+
+if TYPE_CHECKING:
+    from .models.model import Model
 
 __all__ = [
     "RANGE_MARGIN",
@@ -33,7 +36,7 @@ RANGE_MARGIN = 1.0
 
 def denoise(
     transformed: xr.DataArray,
-    model: Any,
+    model: Model,
     *,
     method: str,
     sigma: Any,
@@ -51,7 +54,7 @@ def denoise(
     fgrid = find_grid(transformed)
     transformed = transformed.transpose(time, fgrid.ydim, fgrid.xdim)
     keys = time_keys(transformed[time].values)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         model_path=str(model.path),
         sha256=model.sha256,
         method=method,
@@ -118,7 +121,7 @@ def _denoise_dask_block(
     return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
 
 
-def preserve_rule(preserve: Any, model: Any) -> str | None:
+def preserve_rule(preserve: Any, model: Model) -> str | None:
     from .xr.preserve import default_rule
 
     if preserve is True:
@@ -136,7 +139,7 @@ def preserve_rule(preserve: Any, model: Any) -> str | None:
 
 
 def preserve_scales(
-    out: xr.DataArray, transformed: xr.DataArray, da: xr.DataArray, model: Any, rule: str
+    out: xr.DataArray, transformed: xr.DataArray, da: xr.DataArray, model: Model, rule: str
 ) -> Any:
     """The output with the input's large scales (``rule``) restored, in the model's units."""
     from .xr.domain import cut_to_domain
@@ -154,7 +157,7 @@ def preserve_scales(
     return preserve_large_scales(out, reference, rule="lowpass", wavenumber=float(wavenumber))
 
 
-def flag_out_of_range(out: xr.DataArray, model: Any) -> xr.DataArray:
+def flag_out_of_range(out: xr.DataArray, model: Model) -> xr.DataArray:
     """``out`` (model units) unchanged; warns (when computed, for dask) when values lie beyond the model's
     training data range by more than :data:`RANGE_MARGIN` times its span: an undertrained model, or an
     input far out of distribution."""
@@ -188,7 +191,7 @@ def flag_out_of_range(out: xr.DataArray, model: Any) -> xr.DataArray:
 
 def output_attrs(
     da: xr.DataArray,
-    model: Any,
+    model: Model,
     *,
     method: str,
     scale: Any,

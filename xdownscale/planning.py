@@ -4,7 +4,7 @@ which resolves it from the arguments of :func:`xdownscale.downscale`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -33,6 +33,9 @@ from .preparation import (
 )
 from .xr.cf import find_time
 
+if TYPE_CHECKING:
+    from .models.model import Model
+
 __all__ = ["Plan", "make_plan"]
 
 
@@ -46,7 +49,7 @@ class Plan:
     ``plan(da, ...).apply(da)``.
     """
 
-    model: Any
+    model: Model
     method: str
     #: the resolved :class:`xdownscale.Scale`, or a pending ``"auto"`` on lazy data (see :meth:`compute`)
     scale: Any
@@ -190,7 +193,7 @@ class Plan:
 def make_plan(
     da: xr.DataArray,
     *,
-    model: Any,
+    model: object,
     method: str,
     scale: Any,
     members: int,
@@ -217,11 +220,11 @@ def make_plan(
     # a loaded model the user moved to an accelerator runs there unless device= says otherwise
     placed = getattr(model, "device", None)
     placed = None if placed is None or str(placed) == "cpu" else str(placed)
-    model = resolved_model(model)
-    if model.kind != method:
+    loaded = resolved_model(model)
+    if loaded.kind != method:
         raise InputError(
-            f"Model '{model.name}' is a '{model.kind}' model; method '{method}' needs a '{method}' model. "
-            f"Use da.downscale.{model.kind}(...) or another model."
+            f"Model '{loaded.name}' is a '{loaded.kind}' model; method '{method}' needs a '{method}' "
+            f"model. Use da.downscale.{loaded.kind}(...) or another model."
         )
     steps = DEFAULT_STEPS[method] if steps is None else int(steps)
     if steps < 1:
@@ -231,38 +234,38 @@ def make_plan(
     dev = choose_device(device if device is not None else placed)
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
-    rule = preserve_rule(preserve, model)
-    checked, grid, _ = check_input(da, model, units)
-    fine = to_model_grid(checked, grid, model, regrid=regrid, lowpass=lowpass, units=units)
+    rule = preserve_rule(preserve, loaded)
+    checked, grid, _ = check_input(da, loaded, units)
+    fine = to_model_grid(checked, grid, loaded, regrid=regrid, lowpass=lowpass, units=units)
     fitted = None
     hist_fine = None
     if isinstance(qdm, QDM):
         fitted = qdm
     elif qdm is True:
-        hist_fine = hist_on_model_grid(fine, model, hist, regrid=regrid, lowpass=lowpass, units=units)
-        fitted = fit_qdm(hist_fine, model, dict(qdm_kwargs or {}))
+        hist_fine = hist_on_model_grid(fine, loaded, hist, regrid=regrid, lowpass=lowpass, units=units)
+        fitted = fit_qdm(hist_fine, loaded, dict(qdm_kwargs or {}))
     elif qdm is not False and qdm is not None:
         raise InputError(f"qdm={qdm!r}: expected True, False or a fitted xdownscale.QDM.")
-    prepared = finish(keeping_time_chunks(fine, fitted.adjust) if fitted else fine, model, True)
+    prepared = finish(keeping_time_chunks(fine, fitted.adjust) if fitted else fine, loaded, True)
     chosen: Any
     if is_auto(scale):
         # one scale for every period: the QDM's historical period when there is one
         reference = prepared
         if hist is not None and hist_fine is not None and fitted is not None:
-            reference = finish(keeping_time_chunks(hist_fine, fitted.adjust), model, True)
+            reference = finish(keeping_time_chunks(hist_fine, fitted.adjust), loaded, True)
         if reference.chunks is not None:
             from .xr.spectra import masked_estimator
 
-            spectrum = input_psd(reference, scale_sample, masked_estimator(model.target_psd))
+            spectrum = input_psd(reference, scale_sample, masked_estimator(loaded.target_psd))
             chosen = PendingScale(spectrum, reference.attrs.get(INPUT_WAVENUMBER_ATTR))
         else:
-            chosen = resolve_scale("auto", model, reference, sample=scale_sample)
+            chosen = resolve_scale("auto", loaded, reference, sample=scale_sample)
     else:
-        chosen = resolve_scale(scale, model, prepared, sample=scale_sample)
+        chosen = resolve_scale(scale, loaded, prepared, sample=scale_sample)
     if not isinstance(chosen, PendingScale):
-        check_sigma(chosen, model)
+        check_sigma(chosen, loaded)
     resolved = Plan(
-        model=model,
+        model=loaded,
         method=method,
         scale=chosen,
         qdm=fitted,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
 from .errors import InputError, XDownscaleWarning
 from .xr.cf import Grid, find_grid, find_time, grid_spacing_km
+
+if TYPE_CHECKING:
+    from .models.model import Model
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -64,10 +67,19 @@ DRY_DAY_THRESHOLD = 0.05
 MAX_FIELD_BYTES = 2**31  # one horizontal field larger than this cannot be made a single chunk
 
 
-def resolved_model(model: Any) -> Any:
+def resolved_model(model: object) -> Model:
+    """The downscaling model that ``model`` (a name, a path or a loaded model) names."""
     from .models import resolve_model
+    from .models.model import Model
 
-    return resolve_model(model)
+    resolved = resolve_model(model)
+    if not isinstance(resolved, Model):
+        raise InputError(
+            f"Model '{resolved.name}' is a '{resolved.kind}' (data assimilation) model; downscaling needs a "
+            "'cm' or 'sde' model (xdownscale.list_models() shows each model's kind). Use "
+            f"da.assimilate.{resolved.kind}(...) for this one."
+        )
+    return resolved
 
 
 def label(da: xr.DataArray) -> str:
@@ -97,7 +109,7 @@ def input_ensemble(da: Any) -> str | None:
     return None
 
 
-def check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, Grid, str]:
+def check_input(da: Any, model: Model, units: str | None) -> tuple[xr.DataArray, Grid, str]:
     if isinstance(da, xr.Dataset):
         names = list(da.data_vars)
         raise InputError(
@@ -131,7 +143,7 @@ def check_input(da: Any, model: Any, units: str | None) -> tuple[xr.DataArray, G
 
 
 def to_model_grid(
-    da: xr.DataArray, grid: Grid, model: Any, *, regrid: str, lowpass: bool, units: str | None
+    da: xr.DataArray, grid: Grid, model: Model, *, regrid: str, lowpass: bool, units: str | None
 ) -> xr.DataArray:
     """Steps 1-3: model units, cut, regrid, low-pass. Returns (time, lat, lon) on the model grid."""
     from .xr.domain import cut_to_domain, fill_nan_nearest
@@ -157,7 +169,7 @@ def to_model_grid(
 
 
 def hist_on_model_grid(
-    fine: xr.DataArray, model: Any, hist: Any, *, regrid: str, lowpass: bool, units: str | None
+    fine: xr.DataArray, model: Model, hist: Any, *, regrid: str, lowpass: bool, units: str | None
 ) -> xr.DataArray:
     """The QDM's historical period on the model grid: ``hist`` a period (slice) of ``fine`` (the input
     on the model grid), a separate DataArray of the same ESM, or None (all of ``fine``)."""
@@ -180,7 +192,7 @@ def hist_on_model_grid(
 
 def apply_qdm(
     fine: xr.DataArray,
-    model: Any,
+    model: Model,
     *,
     qdm: Any,
     hist: Any,
@@ -199,7 +211,7 @@ def apply_qdm(
     return fit_qdm(hist_fine, model, qdm_kwargs).adjust(fine)
 
 
-def fit_qdm(hist_fine: xr.DataArray, model: Any, qdm_kwargs: dict[str, Any]) -> Any:
+def fit_qdm(hist_fine: xr.DataArray, model: Model, qdm_kwargs: dict[str, Any]) -> Any:
     """QDM of the historical period ``hist_fine`` (model grid, model units) against the model's training
     quantiles, or against ``qdm_kwargs['ref']`` when given."""
     from .xr.qdm import QDM
@@ -224,7 +236,7 @@ def fit_qdm(hist_fine: xr.DataArray, model: Any, qdm_kwargs: dict[str, Any]) -> 
     return fitted
 
 
-def qdm_defaults(model: Any, qdm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def qdm_defaults(model: Model, qdm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """QDM settings for a model's variable: multiplicative with dry days jittered under
     :data:`DRY_DAY_THRESHOLD` (model units) for precipitation, additive otherwise; ``qdm_kwargs`` wins."""
     out = dict(qdm_kwargs or {})
@@ -235,7 +247,7 @@ def qdm_defaults(model: Any, qdm_kwargs: dict[str, Any] | None = None) -> dict[s
     return out
 
 
-def model_mask(model: Any) -> xr.DataArray:
+def model_mask(model: Model) -> xr.DataArray:
     return model.grid["mask"].astype(bool)
 
 
@@ -247,7 +259,7 @@ def keeping_time_chunks(fine: xr.DataArray, adjust: Any) -> xr.DataArray:
     return out.chunk({find_time(out): chunks}) if chunks is not None else out
 
 
-def finish(fine: xr.DataArray, model: Any, transform: bool) -> xr.DataArray:
+def finish(fine: xr.DataArray, model: Model, transform: bool) -> xr.DataArray:
     """Step 5 of :func:`xdownscale.prepare`: the mask and, with ``transform``, the model's transform
     (float32)."""
     input_wavenumber = fine.attrs[INPUT_WAVENUMBER_ATTR]
@@ -285,7 +297,7 @@ def is_auto(scale: Any) -> bool:
 
 
 def resolve_scale(
-    scale: Any, model: Any, transformed: xr.DataArray | None = None, *, sample: int = 365
+    scale: Any, model: Model, transformed: xr.DataArray | None = None, *, sample: int = 365
 ) -> Any:
     """Turn ``scale`` ("auto", "150 km", a wavenumber, or a :class:`xdownscale.Scale`) into a Scale with
     sigma, using the model's target spectrum. "auto" needs ``transformed`` (the prepared input) and
@@ -314,7 +326,7 @@ def resolve_scale(
         raise
 
 
-def auto_scale(model: Any, spectrum: xr.DataArray, input_wavenumber: float | None) -> Any:
+def auto_scale(model: Model, spectrum: xr.DataArray, input_wavenumber: float | None) -> Any:
     """The scale of :func:`xdownscale.xr.spectra.select_scale` for the input's spectrum against the
     model's, bounded by the input's resolution; a warning when the input lacks power even at the
     largest scale allowed (a sign of wrong units or a missing bias correction)."""
@@ -344,7 +356,7 @@ class PendingScale:
     spectrum: xr.DataArray
     input_wavenumber: float | None
 
-    def sigma(self, model: Any) -> Any:
+    def sigma(self, model: Model) -> Any:
         """sigma(t*) as a lazy dask scalar."""
         import dask
         import dask.array as dsa
@@ -356,11 +368,11 @@ class PendingScale:
         delayed = dask.delayed(sigma_of, pure=True)(self.spectrum.data)
         return dsa.from_delayed(delayed, shape=(), dtype=np.float64)
 
-    def resolve(self, model: Any) -> Any:
+    def resolve(self, model: Model) -> Any:
         return auto_scale(model, self.spectrum.compute(), self.input_wavenumber)
 
 
-def lazy_sigma(transformed: xr.DataArray, model: Any, sample: int) -> Any:
+def lazy_sigma(transformed: xr.DataArray, model: Model, sample: int) -> Any:
     """sigma(t*) of ``scale="auto"`` for lazy prepared input, as a lazy dask scalar."""
     from .xr.spectra import masked_estimator
 
@@ -368,7 +380,7 @@ def lazy_sigma(transformed: xr.DataArray, model: Any, sample: int) -> Any:
     return PendingScale(spectrum, transformed.attrs.get(INPUT_WAVENUMBER_ATTR)).sigma(model)
 
 
-def check_sigma(scale: Any, model: Any) -> None:
+def check_sigma(scale: Any, model: Model) -> None:
     sigma = float(scale.sigma)
     if not model.sigma_min <= sigma <= model.sigma_max:
         raise InputError(

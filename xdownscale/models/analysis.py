@@ -20,6 +20,7 @@ from ..core.observations import AreaAverage, BilinearPoints
 from ..core.rng import KeyedNoise, sample_key
 from ..core.vpsde import ETA, VPSDE, Modality, PosteriorEps, WindowedEps, sample_vp
 from ..errors import InputError
+from .assimilation import AssimilationModel
 
 __all__ = ["OPERATORS", "Observed", "analyse", "points_at", "points_usable"]
 
@@ -51,7 +52,7 @@ class Observed:
     ix: np.ndarray | None = None
 
 
-def points_usable(model: Any, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+def points_usable(model: AssimilationModel, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
     """True for the points (fractional grid indices) with at least one unmasked cell around them."""
     op = BilinearPoints(iy, ix, shape=model.shape, periodic=model.periodic, mask=model.mask)
     return np.asarray(op.valid, dtype=bool)
@@ -67,7 +68,7 @@ def points_at(
     return at, np.asarray(op.valid, dtype=bool)
 
 
-def _operator(model: Any, obs: Observed) -> Callable[[torch.Tensor], torch.Tensor]:
+def _operator(model: AssimilationModel, obs: Observed) -> Callable[[torch.Tensor], torch.Tensor]:
     if obs.operator == "cells":
         return lambda x: x.flatten(-2)
     op: Any
@@ -87,7 +88,7 @@ def _operator(model: Any, obs: Observed) -> Callable[[torch.Tensor], torch.Tenso
     return lambda x: model.to_model_space_torch(op(model.from_model_space_torch(x)))
 
 
-def _modality(model: Any, obs: Observed) -> Modality:
+def _modality(model: AssimilationModel, obs: Observed) -> Modality:
     return Modality(
         _operator(model, obs),
         torch.as_tensor(obs.y, dtype=torch.float32, device=model.device),
@@ -98,7 +99,7 @@ def _modality(model: Any, obs: Observed) -> Modality:
 
 
 def analyse(
-    model: Any,
+    model: AssimilationModel,
     kind: str,
     backgrounds: Sequence[Observed],
     observed: Sequence[Observed],
@@ -127,7 +128,7 @@ def analyse(
     ny, nx = model.shape
     sde = VPSDE(float(model.card["assimilation"].get("eta", ETA)))
     prior = WindowedEps(model.score_net, model.window, sde)
-    ae = model.autoencoder
+    ae: Any = model.autoencoder  # an Autoencoder (nets.autoencoder) or None
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
     if kind == "slams":
         if ae is None:

@@ -10,7 +10,7 @@ import copy
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -20,6 +20,10 @@ from .registry import find_model
 
 if TYPE_CHECKING:
     from .assimilation import AssimilationModel
+
+#: what every ``model=`` argument takes: a model name (:func:`list_models`), the path of its card or
+#: weights, or a loaded model
+ModelLike = Union[str, "os.PathLike[str]", Model, "AssimilationModel"]
 
 
 def load_model(
