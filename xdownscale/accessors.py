@@ -69,30 +69,10 @@ class DownscaleAccessor:
 
         Forwards to :func:`xdownscale.downscale` with ``method="cm"``; see there for every argument.
         """
+        keywords = {k: v for k, v in locals().items() if k != "self"}  # forwarded as they are
         from .api import downscale
 
-        return downscale(
-            self._da,
-            model=model,
-            method="cm",
-            scale=scale,
-            members=members,
-            seed=seed,
-            steps=steps,
-            qdm=qdm,
-            hist=hist,
-            regrid=regrid,
-            lowpass=lowpass,
-            units=units,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            member_dim=member_dim,
-            progress=progress,
-            scale_sample=scale_sample,
-            qdm_kwargs=qdm_kwargs,
-            preserve=preserve,
-        )
+        return downscale(self._da, method="cm", **keywords)
 
     def sde(
         self,
@@ -120,30 +100,10 @@ class DownscaleAccessor:
 
         Forwards to :func:`xdownscale.downscale` with ``method="sde"``; see there for every argument.
         """
+        keywords = {k: v for k, v in locals().items() if k != "self"}  # forwarded as they are
         from .api import downscale
 
-        return downscale(
-            self._da,
-            model=model,
-            method="sde",
-            scale=scale,
-            members=members,
-            seed=seed,
-            steps=steps,
-            qdm=qdm,
-            hist=hist,
-            regrid=regrid,
-            lowpass=lowpass,
-            units=units,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            member_dim=member_dim,
-            progress=progress,
-            scale_sample=scale_sample,
-            qdm_kwargs=qdm_kwargs,
-            preserve=preserve,
-        )
+        return downscale(self._da, method="sde", **keywords)
 
     def plan(
         self,
@@ -174,30 +134,10 @@ class DownscaleAccessor:
         Forwards to :func:`xdownscale.plan`; ``method`` defaults to the model's kind (``"cm"`` or
         ``"sde"``).
         """
+        keywords = {k: v for k, v in locals().items() if k != "self"}  # forwarded as they are
         from .api import plan
 
-        return plan(
-            self._da,
-            model=model,
-            method=method,
-            scale=scale,
-            members=members,
-            seed=seed,
-            steps=steps,
-            qdm=qdm,
-            hist=hist,
-            regrid=regrid,
-            lowpass=lowpass,
-            units=units,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            member_dim=member_dim,
-            progress=progress,
-            scale_sample=scale_sample,
-            qdm_kwargs=qdm_kwargs,
-            preserve=preserve,
-        )
+        return plan(self._da, **keywords)
 
     def prepare(
         self,
@@ -215,19 +155,10 @@ class DownscaleAccessor:
 
         Forwards to :func:`xdownscale.prepare`.
         """
+        keywords = {k: v for k, v in locals().items() if k != "self"}  # forwarded as they are
         from .api import prepare
 
-        return prepare(
-            self._da,
-            model=model,
-            regrid=regrid,
-            lowpass=lowpass,
-            qdm=qdm,
-            hist=hist,
-            units=units,
-            transform=transform,
-            qdm_kwargs=qdm_kwargs,
-        )
+        return prepare(self._da, **keywords)
 
     def select_scale(
         self, model: ModelLike | None = None, *, psd_fine: xr.DataArray | None = None, **kwargs: Any

@@ -277,56 +277,14 @@ def downscale(
     InputError, UnitError, MissingCoordinateError, GridMismatchError, ChunkingError
         Bad input; every message says how to fix it.
     """
+    settings = {k: v for k, v in locals().items() if k != "da"}  # the keywords, forwarded as they are
     ensemble = input_ensemble(da)
     if ensemble is not None:
         check_call(method, members, precision)
         # an ESM ensemble: each realization is downscaled on its own (its own QDM fit and 'auto'
         # scale) with its own noise, seeded from (seed, index); the seeds become a coordinate
-        return _per_realization(
-            da,
-            ensemble,
-            model=model,
-            method=method,
-            scale=scale,
-            members=members,
-            seed=seed,
-            steps=steps,
-            qdm=qdm,
-            hist=hist,
-            regrid=regrid,
-            lowpass=lowpass,
-            units=units,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            member_dim=member_dim,
-            progress=progress,
-            scale_sample=scale_sample,
-            qdm_kwargs=qdm_kwargs,
-            preserve=preserve,
-        )
-    resolved, prepared = make_plan(
-        da,
-        model=model,
-        method=method,
-        scale=scale,
-        members=members,
-        seed=seed,
-        steps=steps,
-        qdm=qdm,
-        hist=hist,
-        regrid=regrid,
-        lowpass=lowpass,
-        units=units,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        member_dim=member_dim,
-        progress=progress,
-        scale_sample=scale_sample,
-        qdm_kwargs=qdm_kwargs,
-        preserve=preserve,
-    )
+        return _per_realization(da, ensemble, **settings)
+    resolved, prepared = make_plan(da, **settings)
     return resolved._apply(da, prepared)
 
 
@@ -367,34 +325,15 @@ def plan(
     Plan
         ``plan.apply(da)`` downscales; ``plan.to_dict()`` names everything that determines the output.
     """
+    settings = {k: v for k, v in locals().items() if k != "da"}  # the keywords, forwarded as they are
     if input_ensemble(da) is not None:
         raise InputError(
             f"{label(da)} has several realizations; a plan belongs to one. Select one, e.g. "
             "da.isel(realization=0), or call da.downscale.cm(...) on the ensemble."
         )
-    model = resolved_model(model)
-    return make_plan(
-        da,
-        model=model,
-        method=method or model.kind,
-        scale=scale,
-        members=members,
-        seed=seed,
-        steps=steps,
-        qdm=qdm,
-        hist=hist,
-        regrid=regrid,
-        lowpass=lowpass,
-        units=units,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        member_dim=member_dim,
-        progress=progress,
-        scale_sample=scale_sample,
-        qdm_kwargs=qdm_kwargs,
-        preserve=preserve,
-    )[0]
+    settings["model"] = resolved_model(model)
+    settings["method"] = method or settings["model"].kind
+    return make_plan(da, **settings)[0]
 
 
 def realization_seed(seed: int, index: int) -> int:

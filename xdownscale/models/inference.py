@@ -78,20 +78,26 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def _worker_threads() -> int | None:
+    """The thread count of the ``dask.distributed`` worker running this code, or None outside one."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return int(getattr(worker.state, "nthreads", 0) or getattr(worker, "nthreads", 0) or 1)
+
+
 def set_torch_threads() -> None:
     """Use the cores a dask worker was given rather than all cores of the node.
 
     Under ``dask.distributed`` a worker with ``nthreads`` threads shares the node with other workers;
     torch would otherwise start one thread per core in every worker.
     """
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return
-    nthreads = int(getattr(worker.state, "nthreads", 0) or getattr(worker, "nthreads", 0) or 1)
-    torch.set_num_threads(max(1, min(nthreads, os.cpu_count() or 1)))
+    nthreads = _worker_threads()
+    if nthreads is not None:
+        torch.set_num_threads(max(1, min(nthreads, os.cpu_count() or 1)))
 
 
 def caller_threads() -> int:
@@ -104,16 +110,10 @@ def use_threads(threads: int) -> None:
 
     OpenMP keeps one thread count per OS thread, fixed when the thread first runs a parallel operation:
     a pooled dask thread would otherwise keep the count of the first job it ran, which changes the last
-    bits of a result and the speed. Under ``dask.distributed`` the worker's share decides instead.
+    bits of a result and the speed. Under ``dask.distributed`` the worker's share decides instead
+    (:func:`set_torch_threads`).
     """
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return
-    except (ImportError, ValueError):
-        pass
-    if threads > 0 and torch.get_num_threads() != threads:
+    if threads > 0 and _worker_threads() is None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
