@@ -116,7 +116,7 @@ def test_per_sample_sigma() -> None:
 def test_model_errors() -> None:
     cm = tiny_cm()
     x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(InputError, match=r"sigma must be a float or a tensor of shape \(2,\)"):
+    with pytest.raises(InputError, match=r"sigma must be a float, a tensor of shape \(2,\)"):
         cm(x, torch.ones(3))
     with pytest.raises(InputError, match=r"cond must have shape \(B, Cc, H, W\) = \(2, Cc, 8, 8\)"):
         cm(x, 1.0, torch.randn(2, 1, 4, 4))
@@ -523,3 +523,37 @@ def test_training_moves_one_step_spectrum_to_target(trained_cm: dict[str, float]
     assert trained_cm["spec0"] > 5
     assert trained_cm["spec1"] < 0.3 * trained_cm["spec0"]
     assert trained_cm["spec1"] < 2.0
+
+
+def test_a_noise_level_per_channel_for_joint_models() -> None:
+    from xdownscale.core.samplers import sdedit_cm
+    from xdownscale.nets.unet import UNet
+
+    net = UNet(in_channels=2, out_channels=2, channels=(8, 16), num_res_blocks=1, groups=4, noise_channels=2)
+    cm = ConsistencyModel(net)
+    x = torch.randn(3, 2, 8, 8)
+    # the boundary condition holds channel by channel: a channel at sigma_min comes back exactly
+    levels = torch.tensor([[cm.sigma_min, 1.0]] * 3)
+    out = cm(x, levels)
+    assert torch.equal(out[:, 0], x[:, 0]) and not torch.allclose(out[:, 1], x[:, 1])
+    # one level per sample is used for every channel
+    assert torch.allclose(cm(x, 0.5), cm(x, torch.full((3, 2), 0.5)))
+    # the embedding sees each channel's level: swapping the levels changes the output
+    assert not torch.allclose(cm(x, torch.tensor([[0.2, 2.0]] * 3)), cm(x, torch.tensor([[2.0, 0.2]] * 3)))
+    gen = torch.Generator().manual_seed(0)
+    loss = ect_loss(
+        cm, x, step=0, total_steps=10, generator=gen, mask=torch.ones(3, 2, 8, 8, dtype=torch.bool)
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(InputError, match="loss 'ict' trains one noise level"):
+        ict_loss(cm, x, step=0, total_steps=10, generator=gen)
+    z = torch.randn_like(x)
+    assert sdedit_cm(cm, x, [0.5, 0.1], noise=lambda i: z).shape == x.shape
+    with pytest.raises(InputError, match="steps=2 with a different noise level per variable"):
+        sdedit_cm(cm, x, [0.5, 0.1], steps=2, noise=lambda i: z)
+    one = ConsistencyModel(UNet(channels=(8, 16), num_res_blocks=1, groups=4))
+    with pytest.raises(InputError, match="a level per channel needs a joint model"):
+        one(x[:, :1].repeat(1, 2, 1, 1)[:, :2], torch.tensor([[0.5, 0.1]] * 3))
+    with pytest.raises(InputError, match="noise_channels must be 1"):
+        UNet(out_channels=2, channels=(8,), noise_channels=3)

@@ -75,7 +75,7 @@ def test_padded_fixed_size_batches_give_the_same_samples(shipped: object) -> Non
     host = torch.from_numpy(np.nan_to_num(x))[:, None]
     outs = []
     for fixed in (False, True):
-        out = np.empty((7, 41, 61), dtype=np.float32)
+        out = np.empty((7, 1, 41, 61), dtype=np.float32)
         job = inference._Job(
             host=host,
             out=out,
@@ -90,7 +90,7 @@ def test_padded_fixed_size_batches_give_the_same_samples(shipped: object) -> Non
             pool=None,
             progress=None,
         )
-        job.run(net, 4, fixed, inference._Stager(torch.device("cpu"), 4, (41, 61), out))
+        job.run(net, 4, fixed, inference._Stager(torch.device("cpu"), 4, (1, 41, 61), out))
         assert job.done == 7
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5)
@@ -109,7 +109,7 @@ def test_members_batches_and_noise_pool_do_not_change_samples(shipped: object) -
     with ThreadPoolExecutor(1) as pool:
         job = inference._Job(
             host=torch.from_numpy(np.nan_to_num(x))[:, None],
-            out=np.empty((5, 41, 61), dtype=np.float32),
+            out=np.empty((5, 1, 41, 61), dtype=np.float32),
             keys=[xdownscale.core.rng.sample_key(100 + t, 0) for t in range(5)],
             members=1,
             method="cm",
@@ -121,9 +121,9 @@ def test_members_batches_and_noise_pool_do_not_change_samples(shipped: object) -
             pool=pool,
             progress=None,
         )
-        stager = inference._Stager(torch.device("cpu"), 2, (41, 61), job.out)
+        stager = inference._Stager(torch.device("cpu"), 2, (1, 41, 61), job.out)
         job.run(shipped.network, 2, False, stager)  # type: ignore[attr-defined]
-    np.testing.assert_allclose(np.where(np.isnan(a[:, 0]), np.nan, job.out), a[:, 0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.where(np.isnan(a[:, 0]), np.nan, job.out[:, 0]), a[:, 0], rtol=0, atol=1e-5)
 
 
 def test_sde_block_runs_with_its_extra_draws(sde_model: object) -> None:
@@ -231,13 +231,13 @@ def test_cuda_block_agrees_with_the_cpu_within_bf16_tolerance(shipped: object) -
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_stager_round_trip() -> None:
-    out = np.zeros((5, 3, 4), dtype=np.float32)
-    stager = inference._Stager(torch.device("cuda"), 2, (3, 4), out)
+    out = np.zeros((5, 1, 3, 4), dtype=np.float32)
+    stager = inference._Stager(torch.device("cuda"), 2, (1, 3, 4), out)
     data = torch.arange(60, dtype=torch.float32).reshape(5, 1, 3, 4)
     for start in range(0, 5, 2):
         stop = min(start + 2, 5)
         on_device = stager.upload(data[start:stop])
         assert on_device.is_cuda
-        stager.download((on_device * 2)[:, 0], slice(start, stop))
+        stager.download(on_device * 2, slice(start, stop))
     stager.finish()
-    np.testing.assert_array_equal(out, 2 * data[:, 0].numpy())
+    np.testing.assert_array_equal(out, 2 * data.numpy())

@@ -84,17 +84,23 @@ def cm_scalings(
 
 
 def _sigma_vector(sigma: Tensor | float, x: Tensor) -> Tensor:
-    """Noise level(s) as a tensor of shape (B,) on x's device (float64 for float64 x, else float32)."""
+    """Noise level(s) as a tensor on x's device (float64 for float64 x, else float32): shape (B,) (one per
+    sample), or (B, C) (one per sample and channel) when ``sigma`` has that shape."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = torch.as_tensor(sigma, device=x.device, dtype=dtype)
     if s.ndim == 0:
         s = s.expand(x.shape[0])
-    if s.shape != (x.shape[0],):
+    if s.shape not in ((x.shape[0],), (x.shape[0], x.shape[1])):
         raise InputError(
-            f"sigma must be a float or a tensor of shape ({x.shape[0]},) (one per sample), got shape "
-            f"{tuple(s.shape)}."
+            f"sigma must be a float, a tensor of shape ({x.shape[0]},) (one per sample) or of shape "
+            f"({x.shape[0]}, {x.shape[1]}) (one per sample and channel), got shape {tuple(s.shape)}."
         )
     return s
+
+
+def per_field(c: Tensor) -> Tensor:
+    """Coefficients of shape (B,) or (B, C) shaped to broadcast over (B, C, H, W)."""
+    return c[:, None, None, None] if c.ndim == 1 else c[:, :, None, None]
 
 
 def cat_cond(x: Tensor, cond: Tensor | None) -> Tensor:
@@ -145,15 +151,21 @@ class ConsistencyModel(nn.Module):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x_t: Tensor, sigma: Tensor | float, cond: Tensor | None = None) -> Tensor:
-        """Denoise ``x_t`` (shape ``(B, C, H, W)``) at noise level ``sigma`` (float or shape ``(B,)``)."""
+        """Denoise ``x_t`` (shape ``(B, C, H, W)``) at noise level ``sigma``: a float, shape ``(B,)``, or
+        shape ``(B, C)`` (a level per channel; the backbone needs ``noise_channels == C``)."""
         if x_t.ndim != 4:
             raise InputError(f"x_t must have shape (B, C, H, W), got {tuple(x_t.shape)}.")
         s = _sigma_vector(sigma, x_t)
-        c_skip, c_out, c_in, c_noise = (
-            c[:, None, None, None]
-            for c in cm_scalings(s, sigma_data=self.sigma_data, sigma_min=self.sigma_min)
-        )
-        out = self.net(cat_cond(c_in * x_t, cond), c_noise.reshape(-1))
+        if s.ndim == 2 and getattr(self.net, "noise_channels", 1) == 1:
+            if not bool((s == s[:, :1]).all()):
+                raise InputError(
+                    "This network takes one noise level per sample; a level per channel needs a joint "
+                    "model (trained on several variables, noise_channels > 1)."
+                )
+            s = s[:, 0]
+        scalings = cm_scalings(s, sigma_data=self.sigma_data, sigma_min=self.sigma_min)
+        c_skip, c_out, c_in = (per_field(c) for c in scalings[:3])
+        out = self.net(cat_cond(c_in * x_t, cond), scalings[3])
         if out.shape != x_t.shape:
             raise InputError(
                 f"The network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its "
@@ -223,6 +235,7 @@ def ict_loss(
     Tensor
         Scalar (float32).
     """
+    _one_level_per_sample(model, "ict")
     x0 = masked_batch(x0, mask)
     n = ict_num_scales(step, total_steps, s0, s1)
     sigmas = karras_sigmas(n, model.sigma_min, model.sigma_max)
@@ -247,11 +260,32 @@ def _pair_loss(
     the student/teacher pair of iCT and ECT (noise levels ``hi > lo`` per sample, on the CPU)."""
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     hi_d, lo_d = hi.to(x0.device, dtype), lo.to(x0.device, dtype)
-    student = model(x0 + hi_d[:, None, None, None] * z, hi_d, cond)
+    student = model(x0 + per_field(hi_d) * z, hi_d, cond)
     with torch.no_grad():
-        teacher = model(x0 + lo_d[:, None, None, None] * z, lo_d, cond)
+        teacher = model(x0 + per_field(lo_d) * z, lo_d, cond)
     weight = (1.0 / (hi - lo)).to(x0.device, torch.float32)
-    return (weight * pseudo_huber(student, teacher, mask).float()).mean()
+    if weight.ndim == 1:
+        return (weight * pseudo_huber(student, teacher, mask).float()).mean()
+    # a noise level per channel (a joint model): each channel's distance with its own weight
+    total = x0.new_zeros((), dtype=torch.float32)
+    for c in range(x0.shape[1]):
+        m = None if mask is None else (mask[:, c : c + 1] if mask.shape[1] > 1 else mask)
+        d = pseudo_huber(student[:, c : c + 1], teacher[:, c : c + 1], m).float()
+        total = total + (weight[:, c] * d).mean()
+    return total / x0.shape[1]
+
+
+def noise_channels(model: nn.Module) -> int:
+    """Noise levels per sample the backbone of ``model`` takes (1, or one per channel)."""
+    return int(getattr(getattr(model, "net", None), "noise_channels", 1))
+
+
+def _one_level_per_sample(model: nn.Module, loss: str) -> None:
+    if noise_channels(model) > 1:
+        raise InputError(
+            f"loss {loss!r} trains one noise level per sample; a joint model (a noise level per variable) "
+            "trains with loss='ect'."
+        )
 
 
 def ect_loss(
@@ -294,7 +328,9 @@ def ect_loss(
         Scalar (float32).
     """
     x0 = masked_batch(x0, mask)
-    u = torch.randn((x0.shape[0],), generator=generator, device=generator.device, dtype=torch.float64)
+    k = noise_channels(model)  # a joint model: each variable at its own, independent level
+    shape = (x0.shape[0],) if k == 1 else (x0.shape[0], k)
+    u = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float64)
     t = torch.exp(p_mean + p_std * u).clamp(model.sigma_min * 1.5, model.sigma_max).cpu()
     r = (t * (1.0 - ect_gap_ratio(t, step, total_steps, stages=stages, q=q))).clamp(min=model.sigma_min)
     z = randn_like(x0, generator)
@@ -341,6 +377,7 @@ def ct_loss(
     InputError
         For an unknown distance, or "lpips+l1" where LPIPS is not available.
     """
+    _one_level_per_sample(model, "ct")
     if distance not in DISTANCES:
         raise InputError(f"distance must be one of {DISTANCES}, got {distance!r}.")
     if distance == "lpips+l1":

@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -163,7 +164,7 @@ def generate_cm(
 def sdedit_cm(
     model: NoiseModel,
     x: Tensor,
-    sigma: float,
+    sigma: float | Sequence[float],
     *,
     steps: int = 1,
     noise: Noise,
@@ -183,13 +184,17 @@ def sdedit_cm(
     x
         Input (e.g. the bias-corrected, regridded, transformed ESM field), shape ``(B, C, H, W)``.
     sigma
-        Noise level sigma(t*) in ``[sigma_min, sigma_max]``.
+        Noise level sigma(t*) in ``[sigma_min, sigma_max]``; for a joint model of several variables a
+        sequence of one level per channel (then ``steps`` must be 1 unless the levels are equal).
     steps
         Number of network evaluations (1 = the paper's one-step downscaling).
     noise, cond
         As in :func:`sample_cm`.
     """
-    sigma = float(sigma)
+    levels = [float(v) for v in np.atleast_1d(np.asarray(sigma, dtype=np.float64))]
+    if len(levels) > 1 and len(set(levels)) > 1:
+        return _sdedit_cm_per_channel(model, x, levels, steps=steps, noise=noise, cond=cond)
+    sigma = levels[0]
     _check_sigma_range(model, sigma, "sigma")
     sigma_min = float(model.sigma_min)
     if sigma == sigma_min:
@@ -197,6 +202,30 @@ def sdedit_cm(
     z = _draw(noise, 0, x)
     x_t = x + math.sqrt(sigma * sigma - sigma_min * sigma_min) * z
     return sample_cm(model, x_t, _cm_levels(model, sigma, steps), noise=noise, cond=cond)
+
+
+def _sdedit_cm_per_channel(
+    model: NoiseModel, x: Tensor, levels: list[float], *, steps: int, noise: Noise, cond: Tensor | None
+) -> Tensor:
+    """:func:`sdedit_cm` of a joint model with a noise level per channel (one network call)."""
+    if len(levels) != x.shape[1]:
+        raise InputError(
+            f"sigma has {len(levels)} noise levels; the input has {x.shape[1]} channels (one level each)."
+        )
+    if steps != 1:
+        raise InputError(
+            f"steps={steps} with a different noise level per variable ({levels}): multistep sampling needs "
+            "one level for all variables; use steps=1 (the consistency model's one-step downscaling)."
+        )
+    for s in levels:
+        _check_sigma_range(model, s, "sigma")
+    sigma_min = float(model.sigma_min)
+    z = _draw(noise, 0, x)
+    spread = torch.tensor([math.sqrt(max(s * s - sigma_min * sigma_min, 0.0)) for s in levels])
+    x_t = x + spread.to(x.device, x.dtype)[None, :, None, None] * z
+    per_sample = torch.tensor(levels, dtype=torch.float64).to(x.device)[None, :].expand(x.shape[0], -1)
+    with torch.no_grad():
+        return model(x_t, per_sample, cond)
 
 
 def _sde_of(score_model: NoiseModel) -> VESDE:

@@ -361,19 +361,19 @@ class _Stager:
     needed again (or at :meth:`finish`), after an event says the copy is done.
     """
 
-    def __init__(self, device: torch.device, batch: int, shape: tuple[int, int], out: np.ndarray) -> None:
+    def __init__(self, device: torch.device, batch: int, shape: tuple[int, ...], out: np.ndarray) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.out = out  # (samples, H, W)
+        self.out = out  # (samples, C, H, W)
         self._turn = 0
         if self.cuda:
-            self._up = [torch.empty((batch, 1, *shape), pin_memory=True) for _ in range(2)]
+            self._up = [torch.empty((batch, *shape), pin_memory=True) for _ in range(2)]
             self._up_done: list[torch.cuda.Event | None] = [None, None]
             self._down = [torch.empty((batch, *shape), pin_memory=True) for _ in range(2)]
             self._down_done: list[tuple[torch.cuda.Event, slice] | None] = [None, None]
 
     def upload(self, fields: Tensor) -> Tensor:
-        """Fields (B, 1, H, W) on the host -> on the device."""
+        """Fields (B, C, H, W) on the host -> on the device."""
         if not self.cuda:
             return fields
         k = self._turn
@@ -389,7 +389,7 @@ class _Stager:
         return on_device
 
     def download(self, result: Tensor, rows: slice) -> None:
-        """Write ``result[: rows length]`` (B, H, W) to ``out[rows]`` (now, or once its copy is done)."""
+        """Write ``result[: rows length]`` (B, C, H, W) to ``out[rows]`` (now, or once its copy is done)."""
         n = rows.stop - rows.start
         if not self.cuda:
             self.out[rows] = result[:n].numpy()
@@ -421,7 +421,7 @@ def _run_batch(
     network: Any,
     method: str,
     x: torch.Tensor,
-    sigma: float,
+    sigma: float | tuple[float, ...],
     steps: int,
     noise: Callable[[int], Any],
     precision: str,
@@ -430,6 +430,7 @@ def _run_batch(
         if method == "cm":
             out = sdedit_cm(network, x, sigma, steps=steps, noise=noise)
         else:
+            assert isinstance(sigma, float)  # denoise_block refuses several levels for the SDE bridge
             sde = VESDE(sigma_min=network.sigma_min, sigma_max=network.sigma_max)
             t_star = float(sde.t_of_sigma(torch.tensor(sigma, dtype=torch.float64)))
             out = sde_bridge(network, x, t_star, steps=steps, noise=noise)
@@ -437,7 +438,7 @@ def _run_batch(
 
 
 _NOISE_POOL: ThreadPoolExecutor | None = None
-_STAGERS: dict[tuple[str, int, tuple[int, int]], _Stager] = {}
+_STAGERS: dict[tuple[str, int, tuple[int, ...]], _Stager] = {}
 
 
 def _noise_pool() -> ThreadPoolExecutor:
@@ -448,7 +449,7 @@ def _noise_pool() -> ThreadPoolExecutor:
         return _NOISE_POOL
 
 
-def _stager(device: torch.device, batch: int, shape: tuple[int, int], out: np.ndarray) -> _Stager:
+def _stager(device: torch.device, batch: int, shape: tuple[int, ...], out: np.ndarray) -> _Stager:
     """A stager for ``out``; on CUDA its page-locked buffers are kept for the next call of that size."""
     if device.type != "cuda":
         return _Stager(device, batch, shape, out)
@@ -467,7 +468,7 @@ def denoise_block(
     model_path: str,
     sha256: str,
     method: str,
-    sigma: float,
+    sigma: Any,
     steps: int,
     seed: int,
     members: int,
@@ -482,12 +483,13 @@ def denoise_block(
     Parameters
     ----------
     x
-        Fields in the model's transformed space, shape (T, H, W), NaN where the model is masked or
-        the input had gaps (they are filled with 0 for the network and come back NaN).
+        Fields in the model's transformed space, shape (T, H, W), or (T, C, H, W) for a joint model of C
+        variables; NaN where the model is masked or the input had gaps (they are filled with 0 for the
+        network and come back NaN).
     keys
         One key per field (from :func:`time_keys`), shape (T,).
     sigma
-        Noise level sigma(t*) in the transformed space.
+        Noise level sigma(t*) in the transformed space; for a joint model one per variable (shape (C,)).
     members
         Ensemble members per field; member ``m`` uses noise key ``(seed, keys[t], m)``.
     batch_size
@@ -499,21 +501,24 @@ def denoise_block(
     Returns
     -------
     ndarray
-        Shape (T, members, H, W), float32, NaN where ``x`` was NaN.
+        Shape (T, members, H, W) (or (T, members, C, H, W)), float32, NaN where ``x`` was NaN.
     """
-    sigma = float(np.asarray(sigma))
+    levels = tuple(float(v) for v in np.atleast_1d(np.asarray(sigma, dtype=np.float64)))
+    if len(levels) > 1 and method != "cm":
+        raise InputError("A noise level per variable needs method 'cm' (a joint consistency model).")
     policy = compile_policy(compile)
     model = cached_model(model_path, sha256, device)
     dev = torch.device(device)
-    ntime, ny, nx = x.shape
-    nan = ~np.isfinite(x)
+    fields = x if x.ndim == 4 else x[:, None]
+    ntime, nchan, ny, nx = fields.shape
+    nan = ~np.isfinite(fields)
     job = _Job(
-        host=torch.from_numpy(np.where(nan, np.float32(0), x).astype(np.float32, copy=False))[:, None],
-        out=np.empty((ntime * members, ny, nx), dtype=np.float32),
+        host=torch.from_numpy(np.where(nan, np.float32(0), fields).astype(np.float32, copy=False)),
+        out=np.empty((ntime * members, nchan, ny, nx), dtype=np.float32),
         keys=[sample_key(int(keys[t]), m) for t in range(ntime) for m in range(members)],
         members=members,
         method=method,
-        sigma=sigma,
+        sigma=levels[0] if len(levels) == 1 else levels,
         steps=steps,
         seed=seed,
         precision=precision,
@@ -526,8 +531,8 @@ def denoise_block(
     lock = _RUN_LOCKS.setdefault(device, threading.Lock())
     while job.done < len(job.keys):
         with lock:
-            network, fixed = network_runner(model, dev, size, (ny, nx), evaluations, policy)
-            stager = _stager(dev, size, (ny, nx), job.out)
+            network, fixed = network_runner(model, dev, size, (nchan, ny, nx), evaluations, policy)
+            stager = _stager(dev, size, (nchan, ny, nx), job.out)
             try:
                 job.run(network, size, fixed, stager)
             except torch.cuda.OutOfMemoryError:
@@ -537,9 +542,9 @@ def denoise_block(
                 size = max(1, size // 2)
             finally:
                 stager.finish()
-    values = job.out.reshape(ntime, members, ny, nx)
+    values = job.out.reshape(ntime, members, nchan, ny, nx)
     values[np.broadcast_to(nan[:, None], values.shape)] = np.nan
-    return values
+    return values if x.ndim == 4 else values[:, :, 0]
 
 
 class _Job:
@@ -556,7 +561,7 @@ class _Job:
         keys: list[int],
         members: int,
         method: str,
-        sigma: float,
+        sigma: float | tuple[float, ...],
         steps: int,
         seed: int,
         precision: str,
@@ -599,7 +604,7 @@ class _Job:
             batch = stager.upload(fields)
             result = _run_batch(network, self.method, batch, self.sigma, self.steps, noise, self.precision)
             noise.close()
-            stager.download(result[:, 0], slice(start, stop))
+            stager.download(result, slice(start, stop))
             following = None
             if self.pool is not None and stop < total:  # draw the next batch's noise while this one runs
                 nstop = min(stop + size, total)

@@ -227,6 +227,9 @@ class UNet(nn.Module):
         Width of the noise-level embedding (default ``4 * channels[0]``).
     dropout
         Dropout rate in the residual blocks.
+    noise_channels
+        1: one noise level per sample; ``out_channels``: one per output channel (a joint model of several
+        variables, each noised to its own scale), embedded side by side.
 
     Examples
     --------
@@ -250,6 +253,7 @@ class UNet(nn.Module):
         padding: str = "zeros",
         emb_dim: int | None = None,
         dropout: float = 0.0,
+        noise_channels: int = 1,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -270,6 +274,11 @@ class UNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise InputError(f"UNet dropout must be in [0, 1), got {dropout}.")
+        if noise_channels not in (1, out_channels):
+            raise InputError(
+                f"UNet noise_channels must be 1 (one noise level per sample) or out_channels={out_channels} "
+                f"(one per variable), got {noise_channels}."
+            )
         ch0 = channels[0]
         emb_dim = int(emb_dim) if emb_dim is not None else 4 * ch0
         if emb_dim < 1:
@@ -285,13 +294,16 @@ class UNet(nn.Module):
         self.padding = padding
         self.emb_dim = emb_dim
         self.dropout = float(dropout)
+        self.noise_channels = int(noise_channels)
         kw: dict[str, Any] = {"periodic": self.periodic, "padding": padding}
         rkw: dict[str, Any] = {**kw, "groups": self.groups, "dropout": self.dropout}
 
         n_freq = max(1, ch0 // 2)
         freqs = torch.randn(n_freq, generator=torch.Generator().manual_seed(0)) * FOURIER_SCALE
         self.register_buffer("fourier_freqs", freqs)
-        self.emb_mlp = nn.Sequential(nn.Linear(2 * n_freq, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.emb_mlp = nn.Sequential(
+            nn.Linear(2 * n_freq * self.noise_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
 
         self.conv_in = _Conv3x3(in_channels, ch0, **kw)
         self.down = nn.ModuleList()
@@ -329,7 +341,7 @@ class UNet(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments: ``UNet(**net.config)`` rebuilds the architecture."""
-        return {
+        config = {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "channels": list(self.channels),
@@ -342,10 +354,16 @@ class UNet(nn.Module):
             "emb_dim": self.emb_dim,
             "dropout": self.dropout,
         }
+        if self.noise_channels != 1:  # one-channel models keep the configuration they were saved with
+            config["noise_channels"] = self.noise_channels
+        return config
 
     def embed(self, noise_labels: Tensor) -> Tensor:
-        """Noise-level embedding, shape ``(B, emb_dim)`` (after the final SiLU)."""
-        arg = (2.0 * math.pi) * noise_labels.float()[:, None] * self.fourier_freqs[None, :]
+        """Noise-level embedding, shape ``(B, emb_dim)`` (after the final SiLU), of labels of shape
+        ``(B,)`` or ``(B, noise_channels)`` (the Fourier features of every channel's label, side by side)."""
+        labels = noise_labels.float().reshape(noise_labels.shape[0], -1)
+        arg = (2.0 * math.pi) * labels[:, :, None] * self.fourier_freqs[None, None, :]
+        arg = arg.reshape(labels.shape[0], -1)
         return F.silu(self.emb_mlp(torch.cat([arg.cos(), arg.sin()], dim=1)))
 
     def forward(self, x: Tensor, noise_labels: Tensor) -> Tensor:
@@ -356,7 +374,8 @@ class UNet(nn.Module):
         x
             Shape ``(B, in_channels, H, W)``, any H and W.
         noise_labels
-            Shape ``(B,)`` (or a scalar, used for every sample).
+            Shape ``(B,)`` (or a scalar, used for every sample); with ``noise_channels > 1`` shape
+            ``(B, noise_channels)``: a noise level per output channel (a ``(B,)`` label is used for all).
 
         Returns
         -------
@@ -371,10 +390,13 @@ class UNet(nn.Module):
         noise_labels = torch.as_tensor(noise_labels, device=x.device)
         if noise_labels.ndim == 0:
             noise_labels = noise_labels.expand(b)
-        if noise_labels.shape != (b,):
+        k = self.noise_channels
+        if k > 1 and noise_labels.shape == (b,):
+            noise_labels = noise_labels[:, None].expand(b, k)
+        if noise_labels.shape != ((b,) if k == 1 else (b, k)):
             raise InputError(
-                f"UNet expects noise_labels of shape ({b},) (one per sample), got "
-                f"{tuple(noise_labels.shape)}."
+                f"UNet expects noise_labels of shape {(b,) if k == 1 else (b, k)} (one per sample"
+                f"{'' if k == 1 else ' and noise channel'}), got {tuple(noise_labels.shape)}."
             )
         m = self.size_multiple
         ph, pw = (-height) % m, (-width) % m
