@@ -42,10 +42,19 @@ def _method(kind: str) -> str:
     return f"downscale.{kind}" if kind in ("cm", "sde") else f"assimilate.{kind}"
 
 
+def _variable_names(card: dict[str, Any]) -> str:
+    return "+".join(v["name"] for v in card.get("variables") or [card["variable"]])
+
+
 def model_page(card: dict[str, Any]) -> str:
-    var = card["variable"]
+    variables = card.get("variables") or [card["variable"]]
     training = card.get("training", {})
     grid = card["grid"]
+    call = (
+        f'out = ds.downscale.cm(model="{card["name"]}")  # a Dataset with {", ".join(v["name"] for v in variables)}'
+        if card.get("variables")
+        else f'out = da.{_method(card["kind"])}(model="{card["name"]}")'
+    )
     lines = [
         f"# {card['name']}",
         "",
@@ -53,7 +62,7 @@ def model_page(card: dict[str, Any]) -> str:
         f"`weights/{card['name']}.json`.*",
         "",
         "```python",
-        f'out = da.{_method(card["kind"])}(model="{card["name"]}")',
+        call,
         "```",
         "",
         "## Intended use",
@@ -66,8 +75,11 @@ def model_page(card: dict[str, Any]) -> str:
         "",
         "## Data and training",
         "",
-        f"* Variable: `{var['name']}` ({var.get('long_name', '')}), {var['units']}, "
-        f"standard name `{var.get('standard_name', '')}`",
+        *[
+            f"* Variable{f' (channel {i})' if len(variables) > 1 else ''}: `{var['name']}` "
+            f"({var.get('long_name', '')}), {var['units']}, standard name `{var.get('standard_name', '')}`"
+            for i, var in enumerate(variables)
+        ],
         f"* Grid: {grid['shape'][0]} x {grid['shape'][1]} cells, periodic: {grid.get('periodic')}, "
         f"{grid.get('mask', {}).get('valid_cells', '?')} valid (land) cells",
         f"* Training data: {training.get('data', training.get('description', ''))}",
@@ -86,7 +98,8 @@ def model_page(card: dict[str, Any]) -> str:
     metrics = card.get("metrics") or {}
     table = _metrics_table(metrics)
     lines += table if table else ["No measurements stored in the card yet."]
-    lines += ["", "Full report: [Evaluation on real data](../evaluation.md).", ""]
+    report = "../evaluation-tas.md" if any(v.get("kind") == "temperature" for v in variables) else "../evaluation.md"
+    lines += ["", f"Full report: [Evaluation]({report}).", ""]
     return "\n".join(lines)
 
 
@@ -117,7 +130,7 @@ def write_pages(docs_dir: Path) -> None:
     ]
     for card in names:
         index.append(
-            f"| [{card['name']}]({card['name']}.md) | {card['kind']} | {card['variable']['name']} | "
+            f"| [{card['name']}]({card['name']}.md) | {card['kind']} | {_variable_names(card)} | "
             f"{card['grid']['shape'][0]} x {card['grid']['shape'][1]} |"
         )
     text = "\n".join(index) + "\n"

@@ -38,6 +38,7 @@ _LAZY = {
     "load_model": "xdownscale.models",
     "list_models": "xdownscale.models",
     "downscale": "xdownscale.api",
+    "downscale_dataset": "xdownscale.joint",
     "prepare": "xdownscale.api",
     "plan": "xdownscale.api",
     "Plan": "xdownscale.api",
@@ -59,6 +60,7 @@ __all__ = [
     "datasets",
     "demo",
     "downscale",
+    "downscale_dataset",
     "errors",
     "list_models",
     "load_model",
@@ -78,6 +80,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import api, datasets, metrics, models, transforms
     from .api import Plan, downscale, plan, prepare
+    from .joint import downscale_dataset
     from .models import list_models, load_model
     from .models.train import train
     from .xr.qdm import QDM, apply_qdm

@@ -284,9 +284,10 @@ class AssimilateAccessor:
 
 @xr.register_dataset_accessor("downscale")
 class DatasetDownscaleAccessor:
-    """Points from ``ds.downscale.<method>`` to the DataArray to call it on.
+    """``ds.downscale.cm(model=...)`` downscales several variables together with a joint model (see
+    :func:`xdownscale.downscale_dataset`).
 
-    A model downscales one variable, so every public attribute raises
+    A model of one variable downscales a DataArray: every other use raises
     :class:`~xdownscale.errors.InputError` naming the Dataset's data variables, e.g. "use
     ds['pr'].downscale.cm(...)".
 
@@ -304,9 +305,45 @@ class DatasetDownscaleAccessor:
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
+    def cm(
+        self,
+        model: ModelLike,
+        *,
+        variables: Mapping[str, str] | None = None,
+        scale: Any = "auto",
+        members: int = 1,
+        seed: int = 0,
+        steps: int = 1,
+        qdm: Any = False,
+        hist: Any = None,
+        regrid: str = "bilinear",
+        lowpass: bool = True,
+        units: Any = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        member_dim: bool | None = None,
+        progress: bool | None = None,
+        scale_sample: int = 365,
+        qdm_kwargs: Any = None,
+        preserve: Any = True,
+    ) -> xr.Dataset:
+        """Downscale the Dataset's variables together with a joint consistency model; settings may be
+        given per variable (``scale={"pr": "auto", "tas": "300 km"}``).
+
+        Forwards to :func:`xdownscale.downscale_dataset`; see there for every argument.
+        """
+        keywords = {k: v for k, v in locals().items() if k != "self"}  # forwarded as they are
+        from .models import resolve_model
+
+        resolved = resolve_model(model)
+        if not getattr(resolved, "joint", False):
+            self._pointer("cm")
+        from .joint import downscale_dataset
+
+        return downscale_dataset(self._ds, **{**keywords, "model": resolved})
+
+    def _pointer(self, name: str) -> Any:
         from .errors import InputError
 
         names = [str(n) for n in self._ds.data_vars]
@@ -319,4 +356,14 @@ class DatasetDownscaleAccessor:
         raise InputError(
             f"ds.downscale.{name} works on one variable (a DataArray), but this Dataset holds {names}. "
             f"Select it: ds['{gridded[0]}'].downscale.{name}(...)."
+            + (
+                " (A joint model of several variables downscales them together: ds.downscale.cm(model=...).)"
+                if name == "cm" and len(names) > 1
+                else ""
+            )
         )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._pointer(name)

@@ -54,8 +54,10 @@ def _generative_options(func: Any) -> Any:
             click.option(
                 "--variable",
                 "-v",
-                default=None,
-                help="Variable to train on (e.g. pr); needed if the files hold several.",
+                multiple=True,
+                help="Variable to train on (e.g. pr); needed if the files hold several. Repeat it "
+                "(--variable tas --variable pr) to train a joint model of several variables on the grid of "
+                "the first.",
             ),
             click.option(
                 "--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory."
@@ -109,7 +111,7 @@ def _generative_options(func: Any) -> Any:
             ),
             click.option(
                 "--eps",
-                default=1e-4,
+                default=0.1,
                 show_default=True,
                 type=float,
                 help="Offset of the log transform for precipitation, in mm/day.",
@@ -132,6 +134,8 @@ def _train_generative(kind: str, data: tuple[str, ...], options: dict[str, Any])
 
     fp16 = options.pop("fp16")
     quiet = options.pop("quiet")
+    variables = list(options.pop("variable"))
+    options["variable"] = variables[0] if len(variables) == 1 else (variables or None)
     if fp16:
         import torch
 

@@ -21,12 +21,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RANGE_MARGIN",
+    "VARIABLE_DIM",
     "denoise",
     "flag_out_of_range",
     "output_attrs",
     "preserve_rule",
     "preserve_scales",
 ]
+
+
+#: dimension of a joint model's stacked input: one entry per variable (network channel)
+VARIABLE_DIM = "variable"
 
 
 #: output beyond the model's training data range by more than this many times the range's span draws a
@@ -49,11 +54,17 @@ def denoise(
     progress: bool | None,
     time: str,
 ) -> xr.DataArray:
+    """Noise ``transformed`` (time, [variable,] y, x) to ``sigma`` (one level, or for a joint model's
+    stacked input one per variable; floats or lazy dask scalars) and denoise it; returns
+    (time, member, [variable,] y, x), lazy where the input is."""
     from .models.inference import caller_threads, denoise_block, time_keys
 
     fgrid = find_grid(transformed)
-    transformed = transformed.transpose(time, fgrid.ydim, fgrid.xdim)
+    # a joint model's input has a 'variable' dimension (one network channel each, in the model's order)
+    channel = [VARIABLE_DIM] if VARIABLE_DIM in transformed.dims else []
+    transformed = transformed.transpose(time, *channel, fgrid.ydim, fgrid.xdim)
     keys = time_keys(transformed[time].values)
+    levels = list(sigma) if channel else [sigma]
     kwargs: dict[str, Any] = dict(
         model_path=str(model.path),
         sha256=model.sha256,
@@ -78,7 +89,7 @@ def denoise(
             data = denoise_block(
                 np.asarray(transformed.values, dtype=np.float32),
                 keys,
-                sigma=float(sigma),
+                sigma=np.asarray([float(v) for v in levels]) if channel else float(sigma),
                 progress=bar.update,
                 **kwargs,
             )
@@ -86,39 +97,41 @@ def denoise(
         import dask.array as dsa
 
         x = transformed.data.astype(np.float32)
+        if channel:
+            x = x.rechunk({1: -1})  # all variables of a field go through the network together
         key_arr = dsa.from_array(keys, chunks=(x.chunks[0],))
-        sigma_arr = (
-            sigma if isinstance(sigma, dsa.Array) else dsa.from_array(np.asarray(sigma, dtype=np.float64))
-        )
-
+        sigma_arrs = [
+            v if isinstance(v, dsa.Array) else dsa.from_array(np.asarray(v, dtype=np.float64)) for v in levels
+        ]
         # token=, not name=: the key is a prefix plus a hash of the data, the seed and every
         # setting, so two downscalings of the same data in one graph do not share blocks
         data = dsa.map_blocks(
             _denoise_dask_block,
             x,
-            key_arr[:, None, None],
-            sigma_arr,
+            key_arr[(slice(None),) + (None,) * (x.ndim - 1)],
+            *sigma_arrs,
             new_axis=1,
-            chunks=(x.chunks[0], (members,), x.chunks[1], x.chunks[2]),
+            chunks=(x.chunks[0], (members,), *x.chunks[1:]),
             dtype=np.float32,
-            meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+            meta=np.empty((0,) * (x.ndim + 1), dtype=np.float32),
             token=f"xdownscale-{method}",
             threads=caller_threads(),
             **kwargs,
         )
-    dims = (time, "member", fgrid.ydim, fgrid.xdim)
+    dims = (time, "member", *channel, fgrid.ydim, fgrid.xdim)
     coords = {k: v for k, v in transformed.coords.items() if set(v.dims) <= set(dims)}
     coords["member"] = ("member", np.arange(members))
     return xr.DataArray(data, dims=dims, coords=coords)
 
 
 def _denoise_dask_block(
-    xb: np.ndarray, kb: np.ndarray, sb: np.ndarray, threads: int, **kwargs: Any
+    xb: np.ndarray, kb: np.ndarray, *sbs: np.ndarray, threads: int, **kwargs: Any
 ) -> np.ndarray:
     from .models.inference import denoise_block, use_threads
 
     use_threads(threads)
-    return denoise_block(xb, kb.reshape(-1), sigma=float(sb), **kwargs)
+    sigma = float(sbs[0]) if len(sbs) == 1 else np.asarray([float(v) for v in sbs])
+    return denoise_block(xb, kb.reshape(-1), sigma=sigma, **kwargs)
 
 
 def preserve_rule(preserve: Any, model: Model) -> str | None:

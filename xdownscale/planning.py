@@ -141,14 +141,16 @@ class Plan:
             )
         return self._apply(da, self.prepare(da))
 
+    def sigma(self) -> Any:
+        """sigma(t*) of the scale: a float, or a lazy dask scalar while ``"auto"`` waits for lazy data."""
+        return self.scale.sigma(self.model) if not self.scale_resolved else float(self.scale.sigma)
+
     def _apply(self, da: xr.DataArray, prepared: xr.DataArray) -> xr.DataArray:
-        model = self.model
-        sigma = self.scale.sigma(model) if not self.scale_resolved else float(self.scale.sigma)
         values = denoise(
             prepared,
-            model,
+            self.model,
             method=self.method,
-            sigma=sigma,
+            sigma=self.sigma(),
             steps=self.steps,
             seed=self.seed,
             members=self.members,
@@ -158,6 +160,13 @@ class Plan:
             progress=self.progress,
             time=find_time(prepared),
         )
+        return self.finish(da, prepared, values)
+
+    def finish(self, da: xr.DataArray, prepared: xr.DataArray, values: xr.DataArray) -> xr.DataArray:
+        """Step 7 for the denoised ``values`` (time, member, y, x) of ``prepared`` (``da`` prepared under
+        this plan): the inverse transform, the mask, the large scales kept, the range check, the caller's
+        units, the member dimension and the attributes."""
+        model = self.model
         out = model.transform.inverse(values)
         out = out.where(model_mask(model))
         if self.preserve is not None:

@@ -33,6 +33,10 @@ Card fields (format ``xdownscale-model-card/1``)
                   mean radially averaged PSD of the training fields in the transformed space
 ``reference_quantiles``  ``{"key": "aux.reference_quantiles", "quantiles": [...], "units"}`` or null
 ``metrics``       a dict of measured skill (may be empty)
+``variables``     only for a joint model of several variables (one network channel each, in order): a
+                  list of ``variable`` dicts, each with its own ``target_psd`` and ``reference_quantiles``
+                  (key ``aux.reference_quantiles.NAME``); ``variable``, ``target_psd`` and
+                  ``reference_quantiles`` at the top repeat the first one's
 ``sha256``        hex digest of ``NAME.safetensors`` (only in ``NAME.json``)
 """
 
@@ -237,6 +241,8 @@ def validate_card(card: Any, *, source: str = "model card", require_sha256: bool
             raise ModelCardError(
                 f"{source}: field 'grid.coords.{name}' must be a dict with 'dims', 'values' and 'attrs'."
             )
+    if "variables" in card:
+        _check_variables(card, source)
     psd = card.get("target_psd") or {"wavenumber": [], "psd": []}
     if len(psd["wavenumber"]) != len(psd["psd"]):
         raise ModelCardError(
@@ -305,3 +311,36 @@ def write_card(path: str | Path, card: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.write_text(json.dumps(jsonable(card), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def variable_quantiles_key(name: str) -> str:
+    """Tensor key of a joint model's reference quantiles of variable ``name``."""
+    return f"{QUANTILES_KEY}.{name}"
+
+
+def _check_variables(card: Mapping[str, Any], source: str) -> None:
+    """The ``variables`` list of a joint model: one complete entry per network output channel."""
+    variables = card["variables"]
+    channels = card["architecture"]["config"].get("out_channels", 1)
+    if not isinstance(variables, list) or len(variables) < 2 or len(variables) != channels:
+        raise ModelCardError(
+            f"{source}: field 'variables' must list one variable per network output channel "
+            f"({channels}), at least 2; got {_short(variables)}."
+        )
+    checks = [f for f in _FIELDS if f[0].split(".")[0] in ("variable", "target_psd", "reference_quantiles")]
+    for i, entry in enumerate(variables):
+        if not isinstance(entry, dict):
+            raise ModelCardError(f"{source}: field 'variables[{i}]' must be a dict, got {_short(entry)}.")
+        for dotted, check, expected in checks:
+            head, _, rest = dotted.partition(".")
+            value = _get(entry, rest) if head == "variable" else _get(entry, dotted)
+            if head == "variable" and not rest:
+                continue
+            if value is _MISSING or not check(value):
+                field = f"variables[{i}].{rest if head == 'variable' else dotted}"
+                raise ModelCardError(f"{source}: field '{field}' is missing or wrong; expected {expected}.")
+    names = [v["name"] for v in variables]
+    if len(set(names)) != len(names):
+        raise ModelCardError(f"{source}: field 'variables' names a variable twice: {names}.")
+    if names[0] != card["variable"]["name"]:
+        raise ModelCardError(f"{source}: field 'variable' must repeat 'variables[0]' ({names[0]!r}).")

@@ -11,7 +11,7 @@ import glob
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ __all__ = [
     "prepare_field",
     "select_variable",
     "split_validation",
+    "training_fields",
 ]
 
 #: canonical units of the training fields per quantity kind
@@ -108,6 +109,101 @@ def select_variable(data: Any, variable: str | None) -> tuple[xr.DataArray, str]
             f"{', '.join(map(repr, names)) or 'none'}. Pass variable= with one of them."
         )
     return ds[variable], source
+
+
+def _sources(data: Any, names: list[str]) -> dict[str, tuple[Any, str]]:
+    """Where each of several variables is read from: files are grouped by the variables they hold (so
+    variables on different grids are never merged into one Dataset)."""
+    if isinstance(data, (xr.DataArray, xr.Dataset)):
+        return {name: (data, "DataArray" if isinstance(data, xr.DataArray) else "Dataset") for name in names}
+    if (
+        isinstance(data, (list, tuple))
+        and data
+        and all(isinstance(d, (xr.DataArray, xr.Dataset)) for d in data)
+    ):
+        # one xarray object per grid: each variable from the one that holds it
+        held = {
+            str(d.name) if isinstance(d, xr.DataArray) else str(v): d
+            for d in data
+            for v in ([d.name] if isinstance(d, xr.DataArray) else d.data_vars)
+        }
+        missing = [n for n in names if n not in held]
+        if missing:
+            raise InputError(
+                f"Variable(s) {missing} are in none of the training data given; they hold {sorted(held)}."
+            )
+        return {name: (held[name], type(held[name]).__name__) for name in names}
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for path in expand_paths(data):
+        opened = open_files([path])
+        groups.setdefault(tuple(sorted(map(str, opened.data_vars))), []).append(path)
+    found: dict[str, tuple[Any, str]] = {}
+    for group, paths in groups.items():
+        for name in set(group) & set(names):
+            found[name] = (open_files(paths), ", ".join(p.name for p in paths))
+    missing = [n for n in names if n not in found]
+    if missing:
+        every = sorted({v for group in groups for v in group})
+        raise InputError(
+            f"Variable(s) {missing} are in none of the training files; they hold {every}. Pass --variable "
+            "(variable=) with names from these."
+        )
+    return found
+
+
+def training_fields(
+    data: Any, variable: str | Sequence[str] | None, units: str | Mapping[str, str] | None
+) -> tuple[list[xr.DataArray], list[str], Any, str, xr.DataArray]:
+    """The fields to train on, in canonical units and (time, y, x) layout: one variable, or several (a
+    joint model) on the grid of the first, at the time steps they share.
+
+    Returns (fields, their quantity kinds, the grid, a description of the source, the first raw field).
+    A variable on another grid is regridded onto the first's: conservatively from a finer grid, bilinearly
+    from a coarser one; a cell is kept where every variable has data.
+    """
+    from ..xr.cf import find_grid, grid_spacing_km
+    from ..xr.regrid import regrid
+
+    names = [variable] if variable is None or isinstance(variable, str) else [str(v) for v in variable]
+    if len(set(names)) != len(names):
+        raise InputError(f"variable={names}: each variable may be named once.")
+    if len(names) == 1:
+        raw, source = select_variable(data, names[0])
+        u = units.get(str(raw.name)) if isinstance(units, Mapping) else units
+        da, kind, grid = prepare_field(raw, u)
+        return [da], [kind], grid, source, raw
+    sources = _sources(data, [str(n) for n in names])
+    fields, kinds, raws = [], [], []
+    for name in names:
+        raw, _ = select_variable(sources[str(name)][0], str(name))
+        da, kind, grid = prepare_field(raw, units.get(str(name)) if isinstance(units, Mapping) else units)
+        fields.append(da)
+        kinds.append(kind)
+        raws.append(raw)
+    first, grid = fields[0], find_grid(fields[0])
+    target = first.isel({first.dims[0]: 0}, drop=True).to_dataset(name="target")
+    km = float(np.sqrt(np.prod(grid_spacing_km(first, grid))))
+    for i, da in enumerate(fields[1:], start=1):
+        g = find_grid(da)
+        same = da.sizes[g.ydim] == first.sizes[grid.ydim] and da.sizes[g.xdim] == first.sizes[grid.xdim]
+        same = same and all(
+            np.allclose(da[a].values, first[b].values) for a, b in ((g.lat, grid.lat), (g.lon, grid.lon))
+        )
+        if not same:
+            finer = float(np.sqrt(np.prod(grid_spacing_km(da, g)))) < km
+            regridded = regrid(da, target, method="conservative" if finer else "bilinear")
+            fields[i] = regridded.assign_attrs(da.attrs).rename(da.name)
+    time = first.dims[0]
+    fields = [f.rename({f.dims[0]: time}) for f in fields]
+    aligned = xr.align(*fields, join="inner", exclude=[d for d in first.dims if d != time])
+    if aligned[0].sizes[time] < 2:
+        raise InputError(
+            f"The variables {names} share {aligned[0].sizes[time]} time step(s); a joint model needs their "
+            "common period. Pass data covering the same days."
+        )
+    shared = [f.copy(data=f.values) for f in aligned]
+    source = "; ".join(dict.fromkeys(sources[str(n)][1] for n in names))
+    return shared, kinds, grid, source, raws[0]
 
 
 def prepare_field(da: xr.DataArray, units: str | None) -> tuple[xr.DataArray, str, Any]:

@@ -24,7 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, ModelCardError, WeightsIntegrityError
-from .card import MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, jsonable, validate_card, write_card
+from .card import (
+    MASK_KEY,
+    NETWORK_PREFIX,
+    QUANTILES_KEY,
+    jsonable,
+    validate_card,
+    variable_quantiles_key,
+    write_card,
+)
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -123,6 +131,7 @@ def save_model(
     mask: np.ndarray | None = None,
     reference_quantiles: np.ndarray | None = None,
     dtype: torch.dtype | None = None,
+    variable_quantiles: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json`` into ``directory``; NAME is ``card["name"]``.
 
@@ -145,6 +154,9 @@ def save_model(
     dtype
         Storage dtype of the floating-point weights, e.g. ``torch.float16`` to halve the file;
         loading always gives float32. The auxiliary tensors stay float32.
+    variable_quantiles
+        A joint model's per-variable quantiles ``{name: array (nquantiles, ny, nx)}``, stored under
+        ``aux.reference_quantiles.NAME`` (the key written into each entry of the card's ``variables``).
 
     Returns
     -------
@@ -192,6 +204,24 @@ def save_model(
         raise ModelCardError(
             "model card field 'reference_quantiles' is set but no reference_quantiles array was given."
         )
+    for entry in doc.get("variables") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("reference_quantiles"), dict):
+            continue  # validate_card names what is wrong with the entry
+        values = (variable_quantiles or {}).get(str(entry.get("name")))
+        if values is None:
+            raise ModelCardError(
+                f"The card's variables list {entry.get('name')!r} with reference quantiles; pass them "
+                "in variable_quantiles={name: array}."
+            )
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.ndim != 3 or values.shape[1:] != mask.shape:
+            raise ModelCardError(
+                f"variable_quantiles[{entry['name']!r}] has shape {values.shape}; expected (nquantiles, "
+                f"{mask.shape[0]}, {mask.shape[1]})."
+            )
+        key = variable_quantiles_key(entry["name"])
+        entry["reference_quantiles"]["key"] = key
+        tensors[key] = torch.from_numpy(values)
     if dtype is not None and not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating-point torch dtype such as torch.float16, got {dtype}.")
     storage = dtype or torch.float32

@@ -7,7 +7,7 @@ files are refused before they are opened), and the sha256 of the weights must ma
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..errors import ModelCardError, WeightsIntegrityError
+from ..errors import InputError, ModelCardError, WeightsIntegrityError
 from .card import KINDS, MASK_KEY, NETWORK_PREFIX, QUANTILES_KEY, read_card, validate_card
 from .io import read_safetensors, sha256_file
 
@@ -23,7 +23,20 @@ __all__ = ["Model", "build_network", "grid_from_card", "load_downscaling_model",
 
 # fields of the card that define what the weights compute; the JSON card and the copy inside the
 # safetensors metadata must agree on them (metrics and descriptions may be edited in the JSON)
-_BINDING_FIELDS = ("name", "kind", "architecture", "variable", "grid", "sigma", "reference_quantiles")
+_BINDING_FIELDS = (
+    "name",
+    "kind",
+    "architecture",
+    "variable",
+    "variables",
+    "grid",
+    "sigma",
+    "reference_quantiles",
+)
+
+
+#: entries of a joint model's ``variables`` list that are not the variable's description
+_PER_VARIABLE = ("transform", "target_psd", "reference_quantiles")
 
 
 def build_network(kind: str, config: dict[str, Any], sigma: dict[str, Any]) -> torch.nn.Module:
@@ -143,6 +156,9 @@ class Model:
         Noise range and data scale of the network.
     sha256, path
         Digest and path of the weights file.
+    parts
+        A joint model's variables (one network channel each, in order) as one-variable views of this
+        model (see :meth:`for_variable`); empty for a model of one variable.
     """
 
     name: str
@@ -161,6 +177,25 @@ class Model:
     sha256: str
     path: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    parts: tuple[Model, ...] = ()
+
+    @property
+    def variables(self) -> list[str]:
+        """Names of the modelled variables, one per network channel."""
+        return [p.variable["name"] for p in self.parts] or [self.variable["name"]]
+
+    @property
+    def joint(self) -> bool:
+        """True for a joint model of several variables."""
+        return len(self.parts) > 1
+
+    def for_variable(self, name: str) -> Model:
+        """The one-variable view of a joint model: that variable's transform, target spectrum, reference
+        quantiles and names, sharing the network (whose channel ``variables.index(name)`` it is)."""
+        for part in self.parts or (self,):
+            if part.variable["name"] == name:
+                return part
+        raise InputError(f"Model '{self.name}' has no variable {name!r}; its variables are {self.variables}.")
 
     @property
     def mask(self) -> np.ndarray:
@@ -187,15 +222,50 @@ class Model:
         """Move the network to ``device``; returns ``self``."""
         self.device = torch.device(device)
         self.network.to(self.device)
+        for part in self.parts:
+            part.device = self.device
         return self
+
+    def _variables_text(self) -> str:
+        if not self.joint:
+            return f"variable={self.variable['name']!r} [{self.variable['units']}]"
+        return "variables=" + ", ".join(f"{p.variable['name']!r} [{p.variable['units']}]" for p in self.parts)
 
     def __repr__(self) -> str:
         ny, nx = self.shape
         return (
             f"<xdownscale.Model {self.name!r} v{self.version} kind={self.kind!r} "
-            f"variable={self.variable['name']!r} [{self.variable['units']}] grid={ny}x{nx} "
+            f"{self._variables_text()} grid={ny}x{nx} "
             f"periodic={self.periodic} sigma=[{self.sigma_min:g}, {self.sigma_max:g}] device={self.device}>"
         )
+
+
+def _quantiles(
+    tensors: dict[str, torch.Tensor],
+    info: dict[str, Any] | None,
+    key: str,
+    units: str,
+    grid: xr.Dataset,
+    name: str,
+    weights: Path,
+    dims: list[str],
+) -> xr.DataArray | None:
+    """The reference quantiles stored under ``key`` as (quantiles, y, x), or None when the card has none."""
+    if info is None:
+        return None
+    if key not in tensors:
+        raise ModelCardError(f"{weights} has no tensor '{key}' named in the card.")
+    ydim, xdim = dims
+    return xr.DataArray(
+        tensors[key].float().numpy(),
+        dims=("quantiles", ydim, xdim),
+        coords={
+            "quantiles": np.asarray(info["quantiles"], dtype=np.float64),
+            **grid.drop_vars("mask").coords,
+        },
+        name=name,
+        attrs={"units": info.get("units", units), "long_name": "per-cell quantiles of the training data"},
+    )
 
 
 def _check_embedded(card: dict[str, Any], meta: dict[str, str], weights: Path) -> None:
@@ -263,27 +333,17 @@ def load_downscaling_model(card_path: Path, *, device: str | torch.device = "cpu
         )
     grid = grid_from_card(card, mask)
 
-    ref = None
-    if card["reference_quantiles"] is not None:
-        if QUANTILES_KEY not in tensors:
-            raise ModelCardError(f"{weights} has no tensor '{QUANTILES_KEY}' named in the card.")
-        values = tensors[QUANTILES_KEY].float().numpy()
-        info = card["reference_quantiles"]
-        ydim, xdim = card["grid"]["dims"]
-        ref = xr.DataArray(
-            values,
-            dims=("quantiles", ydim, xdim),
-            coords={
-                "quantiles": np.asarray(info["quantiles"], dtype=np.float64),
-                **grid.drop_vars("mask").coords,
-            },
-            name=card["variable"]["name"],
-            attrs={
-                "units": info.get("units", card["variable"]["units"]),
-                "long_name": "per-cell quantiles of the training data",
-            },
-        )
-
+    dims = card["grid"]["dims"]
+    ref = _quantiles(
+        tensors,
+        card["reference_quantiles"],
+        QUANTILES_KEY,
+        card["variable"]["units"],
+        grid,
+        card["variable"]["name"],
+        weights,
+        dims,
+    )
     sigma = card["sigma"]
     model = Model(
         name=card["name"],
@@ -302,4 +362,27 @@ def load_downscaling_model(card_path: Path, *, device: str | torch.device = "cpu
         sha256=digest,
         path=weights,
     )
+    if "variables" in card:
+        parts = []
+        for entry in card["variables"]:
+            info = entry["reference_quantiles"]
+            parts.append(
+                replace(
+                    model,
+                    transform=LogNormalize.from_dict(entry["transform"]),
+                    target_psd=psd_from_card({"target_psd": entry["target_psd"], "variable": entry}),
+                    reference_quantiles=_quantiles(
+                        tensors,
+                        info,
+                        (info or {}).get("key", ""),
+                        entry["units"],
+                        grid,
+                        entry["name"],
+                        weights,
+                        dims,
+                    ),
+                    variable={k: v for k, v in entry.items() if k not in _PER_VARIABLE},
+                )
+            )
+        model.parts = tuple(parts)
     return model.to(device)

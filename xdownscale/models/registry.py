@@ -74,7 +74,7 @@ def list_models() -> list[dict[str, Any]]:
             found[name] = {
                 "name": card["name"],
                 "kind": card["kind"],
-                "variable": card["variable"]["name"],
+                "variable": "+".join(v["name"] for v in card.get("variables") or [card["variable"]]),
                 "units": card["variable"]["units"],
                 "grid": tuple(card["grid"]["shape"]),
                 "version": card["version"],

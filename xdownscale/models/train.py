@@ -49,9 +49,8 @@ from .data import (
     frequency,
     grid_card,
     iso_date,
-    prepare_field,
-    select_variable,
     split_validation,
+    training_fields,
 )
 from .io import read_safetensors, save_model, write_safetensors
 from .model import build_network
@@ -229,7 +228,7 @@ def _duration(seconds: float) -> str:
 def train(
     kind: str = "cm",
     data: Any = None,
-    variable: str | None = None,
+    variable: str | Sequence[str] | None = None,
     out: str | os.PathLike[str] = "out",
     *,
     name: str | None = None,
@@ -253,7 +252,7 @@ def train(
     val_samples: int = 64,
     resume: bool = False,
     device: str | torch.device | None = None,
-    units: str | None = None,
+    units: str | Mapping[str, str] | None = None,
     eps: float = 0.1,
     nquantiles: int = NQUANTILES,
     version: str = "0.1.0",
@@ -272,9 +271,15 @@ def train(
     data
         A DataArray, a Dataset, or the path / glob pattern / list of paths of netCDF files (opened with
         :func:`xarray.open_mfdataset`) or zarr stores. Needs a time dimension and CF latitude /
-        longitude; cells that are NaN at all times form the mask.
+        longitude; cells that are NaN at all times form the mask. For several variables on different
+        grids: a list of DataArrays / Datasets, or files (grouped by the variables they hold).
     variable
-        The variable to train on; may be left out for a DataArray or a single-variable dataset.
+        The variable to train on; may be left out for a DataArray or a single-variable dataset. A list
+        of several (``["pr", "tas"]``) trains a joint consistency model: one network channel per
+        variable, each with its own transform, noise level and reference quantiles, on the grid of the
+        first variable (the others regridded onto it: conservatively from a finer grid, bilinearly from a
+        coarser one) at the time steps they share, on the cells where all have data. Joint models train
+        with ``loss="ect"``; their card validates the loss on held-out fields (no perfect-model score).
     out
         Output directory: ``NAME.safetensors`` + ``NAME.json`` (the model), ``checkpoints/``,
         ``config.json`` and ``history.json`` (training and validation losses).
@@ -315,7 +320,8 @@ def train(
     device
         ``"cpu"``, ``"cuda"``, ...; default CUDA when available (with bf16 autocast).
     units
-        Override for a missing or wrong ``units`` attribute of the data.
+        Override for a missing or wrong ``units`` attribute of the data (for several variables a dict
+        ``{name: units}``).
     eps
         Offset of the log transform ``log(x + eps) - log(eps)`` for precipitation, in the model's
         units (mm/day). Hess et al. use 1e-4 on ERA5 precipitation, stored in metres: 0.1 mm/day.
@@ -382,42 +388,62 @@ def train(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
 
-    # ---- data
-    raw, source = select_variable(data, variable)
-    da, quantity, grid = prepare_field(raw, units)
-    variable = str(da.name)
+    # ---- data: (time, variable, y, x), one variable or several on one grid
+    fields, quantities, grid, source, raw = training_fields(data, variable, units)
+    joint = len(fields) > 1
+    if joint and (kind != "cm" or loss != "ect"):
+        raise InputError(
+            f"A joint model of several variables is a consistency model trained with loss='ect'; got "
+            f"kind={kind!r}, loss={loss!r}."
+        )
+    da = fields[0]
+    names = [str(f.name) for f in fields]
+    variable = names[0] if not joint else "+".join(names)
     ny, nx = grid.shape(da)
-    train_da, val_da = split_validation(da, val_time, val_fraction)
-    train_phys = np.ascontiguousarray(train_da.values, dtype=np.float32)
-    val_phys = np.ascontiguousarray(val_da.values, dtype=np.float32) if val_da is not None else None
+    splits = [split_validation(f, val_time, val_fraction) for f in fields]
+    train_da, val_da = splits[0]
+    train_phys = np.ascontiguousarray(np.stack([t.values for t, _ in splits], axis=1), dtype=np.float32)
+    val_phys = (
+        np.ascontiguousarray(np.stack([cast(Any, v).values for _, v in splits], axis=1), dtype=np.float32)
+        if val_da is not None
+        else None
+    )
     allnan = np.isnan(train_phys).all(axis=0)
     if val_phys is not None:
         allnan &= np.isnan(val_phys).all(axis=0)
-    mask = np.asarray(~allnan, dtype=bool)
+    mask = np.asarray(~allnan.any(axis=0), dtype=bool)  # cells where every variable has data
     if not mask.any():
         raise InputError(f"'{variable}' is NaN everywhere at all times; nothing to train on.")
     digest = hashlib.sha256(train_phys.tobytes())
     if val_phys is not None:
         digest.update(val_phys.tobytes())
-    train_da = train_da.copy(data=train_phys)
+    train_das = [t.copy(data=train_phys[:, c]) for c, (t, _) in enumerate(splits)]
+    train_da = train_das[0]
 
-    # ---- normalisation, target spectrum, reference quantiles (training period only)
-    transform = LogNormalize(eps=eps, log=quantity == "precipitation").fit(train_da)
-    train_t = transform.forward(train_da)
-    target = psd(train_t).mean(train_t.dims[0])
-    ref = reference_quantiles(train_da, nquantiles=nquantiles)
+    # ---- normalisation, target spectra, reference quantiles (training period only), per variable
+    transforms = [
+        LogNormalize(eps=eps, log=q == "precipitation").fit(t)
+        for t, q in zip(train_das, quantities, strict=True)
+    ]
+    transform = transforms[0]
+    targets = [psd(tr.forward(t)).mean(str(t.dims[0])) for tr, t in zip(transforms, train_das, strict=True)]
+    target = targets[0]
+    refs = [reference_quantiles(t, nquantiles=nquantiles) for t in train_das]
 
+    nchan = len(fields)
     arch = {
-        "in_channels": 1,
-        "out_channels": 1,
+        "in_channels": nchan,
+        "out_channels": nchan,
         "channels": list(channels),
         **dict(net or {}),
         "periodic": bool(grid.periodic),
     }
+    if joint:
+        arch["noise_channels"] = nchan
     config: dict[str, Any] = {
         "kind": kind,
         "variable": variable,
-        "units": da.attrs.get("units"),
+        "units": da.attrs.get("units") if not joint else [f.attrs.get("units") for f in fields],
         "steps": int(steps),
         "batch_size": int(batch_size),
         "architecture": arch,
@@ -483,10 +509,12 @@ def train(
 
     # ---- tensors on the device (masked / missing cells: 0 and excluded from the loss)
     def _to_device(phys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        y = np.asarray(transform.forward(phys), dtype=np.float32)
+        y = np.stack(
+            [np.asarray(tr.forward(phys[:, c]), dtype=np.float32) for c, tr in enumerate(transforms)], axis=1
+        )
         valid = np.isfinite(y) & mask
         y = np.where(valid, y, 0.0).astype(np.float32)
-        return torch.from_numpy(y[:, None]).to(dev), torch.from_numpy(valid[:, None]).to(dev)
+        return torch.from_numpy(y).to(dev), torch.from_numpy(valid).to(dev)
 
     x_train, m_train = _to_device(train_phys)
     val = _to_device(val_phys) if val_phys is not None else None
@@ -498,11 +526,11 @@ def train(
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
     perfect_model = None
-    if kind == "cm" and val_da is not None and val_phys is not None:
+    if kind == "cm" and not joint and val_da is not None and val_phys is not None:
         from .validation import PerfectModelValidation
 
         perfect_model = PerfectModelValidation(
-            val_da.copy(data=val_phys),
+            val_da.copy(data=val_phys[:, 0]),
             transform,
             target,
             mask,
@@ -653,23 +681,44 @@ def train(
     val_times = val_da[val_da.dims[0]].values if val_da is not None else None
     from .._version import __version__
 
-    card = {
+    variable_entries = [
+        {
+            "name": str(f.name),
+            "units": f.attrs.get("units"),
+            # precipitation is stored as a rate whatever the source (an amount, a flux) called it
+            "standard_name": STANDARD_NAMES["precipitation"]
+            if q == "precipitation"
+            else f.attrs.get("standard_name", STANDARD_NAMES.get(q)),
+            "long_name": f.attrs.get("long_name", f.attrs.get("description")),
+            "kind": q,
+            "transform": tr.to_dict(),
+        }
+        for f, q, tr in zip(fields, quantities, transforms, strict=True)
+    ]
+    psd_entries = [
+        {
+            "name": str(t.name),
+            "wavenumber": t["wavenumber"].values,
+            "psd": t.values,
+            "wavelength_km": t["wavelength_km"].values,
+            "n_cells": int(t.attrs["n_cells"]),
+            "spacing_km": t.attrs.get("spacing_km"),
+            "space": "transformed",
+            "attrs": {k: v for k, v in t.attrs.items() if k not in ("n_cells", "spacing_km")},
+        }
+        for t in targets
+    ]
+    quantile_entries = [
+        {"key": "aux.reference_quantiles", "quantiles": r["quantiles"].values, "units": f.attrs.get("units")}
+        for r, f in zip(refs, fields, strict=True)
+    ]
+    card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "name": name or f"{kind}-{variable}-{ny}x{nx}",
         "version": str(version),
         "kind": kind,
         "architecture": {"class": "UNet", "config": arch},
-        "variable": {
-            "name": variable,
-            "units": da.attrs.get("units"),
-            # precipitation is stored as a rate whatever the source (an amount, a flux) called it
-            "standard_name": STANDARD_NAMES["precipitation"]
-            if quantity == "precipitation"
-            else da.attrs.get("standard_name", STANDARD_NAMES.get(quantity)),
-            "long_name": da.attrs.get("long_name", da.attrs.get("description")),
-            "kind": quantity,
-            "transform": transform.to_dict(),
-        },
+        "variable": variable_entries[0],
         "frequency": frequency(times),
         "grid": grid_card(da, grid),
         "sigma": sigma,
@@ -707,23 +756,23 @@ def train(
             "xdownscale_version": __version__,
             "torch_version": torch.__version__,
         },
-        "target_psd": {
-            "name": str(target.name),
-            "wavenumber": target["wavenumber"].values,
-            "psd": target.values,
-            "wavelength_km": target["wavelength_km"].values,
-            "n_cells": int(target.attrs["n_cells"]),
-            "spacing_km": target.attrs.get("spacing_km"),
-            "space": "transformed",
-            "attrs": {k: v for k, v in target.attrs.items() if k not in ("n_cells", "spacing_km")},
-        },
-        "reference_quantiles": {
-            "key": "aux.reference_quantiles",
-            "quantiles": ref["quantiles"].values,
-            "units": da.attrs.get("units"),
-        },
+        "target_psd": psd_entries[0],
+        "reference_quantiles": quantile_entries[0],
         "metrics": {},
     }
+    if joint:
+        card["variables"] = [
+            {**v, "target_psd": p, "reference_quantiles": q}
+            for v, p, q in zip(variable_entries, psd_entries, quantile_entries, strict=True)
+        ]
     ydim, xdim = grid.ydim, grid.xdim
-    ref_values = ref.transpose("quantiles", ydim, xdim).values
-    return save_model(out, trainer.ema.eval(), card, mask=mask, reference_quantiles=ref_values, dtype=dtype)
+    ref_values = [r.transpose("quantiles", ydim, xdim).values for r in refs]
+    return save_model(
+        out,
+        trainer.ema.eval(),
+        card,
+        mask=mask,
+        reference_quantiles=ref_values[0],
+        dtype=dtype,
+        variable_quantiles=dict(zip(names, ref_values, strict=True)) if joint else None,
+    )

@@ -1,0 +1,334 @@
+"""Skill of the joint precipitation + temperature model on real data: writes ``docs/evaluation-joint.md``.
+
+    python benchmarks/evaluate_joint.py            # the report (a few minutes on 2 cores)
+    python benchmarks/evaluate_joint.py --quick    # few days and members (smoke test)
+
+Truth: E-OBS v14 daily precipitation (``rr``) and mean temperature (``tg``), 0.5 deg, sea masked, over
+Iberia, test winters 1997/98-2001/02 (the joint model trained on 1982/83-1995/96 and validated on
+1996/97). The joint model downscales both variables of a Dataset in one call (each at its own ``"auto"``
+scale); it is compared with bilinear interpolation and with the two one-variable models run separately
+(``cm-eobs-iberia-0.5deg-tas``, and ``cm-eobs-iberia-0.25deg-pr`` averaged conservatively onto the
+0.5 deg grid), which regenerate the small scales of each variable with independent noise.
+
+* Paired (perfect model, and NCEP R1 with QDM): CRPS per variable against the truth day by day, and the
+  *coupling* of the regenerated small scales: the correlation, over land cells and days, between the
+  small-scale parts of precipitation and temperature (each field minus the bilinear interpolation of its
+  coarse input; for the truth, the truth minus the same bilinear field). Independent models give about 0.
+* Unpaired (CNRM-CM5 with QDM on the training winters): climatology and distribution per variable, and
+  the per-cell correlation between daily precipitation and temperature against E-OBS's.
+
+The data in ``../shared/data`` are not part of the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from evaluate_iberia import DATA, DOCS, coarse_grained
+from evaluate_tas import _days, _table
+
+from xdownscale import metrics
+from xdownscale.errors import XDownscaleWarning
+from xdownscale.xr.domain import allow_partial_coverage
+from xdownscale.xr.units import convert_units
+
+FIGURES = DOCS / "figures" / "evaluation-joint"
+TEST = slice("1997-12-01", "2002-02-28")
+HIST = slice("1982-12-01", "1997-02-28")
+JOINT = "cm-eobs-iberia-0.5deg-pr-tas"
+SEPARATE = {"tas": "cm-eobs-iberia-0.5deg-tas", "pr": "cm-eobs-iberia-0.25deg-pr"}
+UNITS = {"pr": "mm/day", "tas": "degC"}
+
+
+def _physical(ds: xr.Dataset) -> xr.Dataset:
+    """mm/day and degC whatever the source units."""
+    return xr.Dataset({v: convert_units(ds[v], UNITS[v]) for v in ("pr", "tas")})
+
+
+def _truth() -> xr.Dataset:
+    rr = xr.open_dataset(DATA / "eobs_0.5deg_rr_djf1983-2002.nc")["rr"].assign_attrs(units="mm/day")
+    tg = xr.open_dataset(DATA / "eobs_0.5deg_tg_djf1983-2002.nc")["tg"]
+    return _physical(xr.Dataset({"pr": rr, "tas": tg}).sel(time=TEST)).load()
+
+
+def _bilinear(coarse: xr.Dataset, joint: Any, **kwargs: Any) -> xr.Dataset:
+    return _physical(
+        xr.Dataset(
+            {
+                v: coarse[v].downscale.prepare(
+                    model=joint.for_variable(v), transform=False, **kwargs.get(v, {})
+                )
+                for v in ("pr", "tas")
+            }
+        )
+    ).load()
+
+
+def _methods(
+    coarse: xr.Dataset, joint: Any, members: int, qdm: dict[str, Any] | None = None
+) -> tuple[dict[str, xr.Dataset], dict[str, float], dict[str, str]]:
+    """Bilinear (+ QDM), the joint CM and the two one-variable CMs, in mm/day and degC, with timings."""
+    from xdownscale.models import resolve_model
+
+    qdm = qdm or {}
+    label = "bilinear" + (" + QDM" if qdm else "")
+    fields, seconds = {label: _bilinear(coarse, joint, **{v: qdm.get(v, {}) for v in ("pr", "tas")})}, {}
+    n = coarse.sizes["time"] * members
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        t0 = time.perf_counter()
+        hist = {v: qdm[v]["hist"] for v in qdm}
+        out = coarse.downscale.cm(
+            model=joint, members=members, seed=0, progress=False, qdm=bool(qdm), hist=hist or None
+        )
+        seconds["joint CM"] = (time.perf_counter() - t0) / n
+        fields["joint CM"] = _physical(out).load()
+        scales = {v: out[v].attrs.get("downscale_scale", "") for v in ("pr", "tas")}
+        separate = {}
+        t0 = time.perf_counter()
+        for v, name in SEPARATE.items():
+            model = resolve_model(name)
+            # the 0.25 deg model's domain reaches half a cell beyond the 0.5 deg data: those cells are NaN
+            with allow_partial_coverage():
+                one = coarse[v].downscale.cm(
+                    model=model, members=members, seed=1, progress=False, **qdm.get(v, {})
+                )
+            if v == "pr":  # the 0.25 deg model: its output averaged onto the joint model's 0.5 deg grid
+                one = one.downscale.regrid(joint.grid, method="conservative")
+            separate[v] = one
+        seconds["separate CMs"] = (time.perf_counter() - t0) / n
+    fields["separate CMs"] = _physical(xr.Dataset(separate)).load()
+    return fields, seconds, scales
+
+
+def _coupling(field: xr.Dataset, base: xr.Dataset, mask: xr.DataArray) -> float:
+    """Correlation over land cells and days between the small-scale parts (field - base) of pr and tas."""
+    parts = []
+    for v in ("pr", "tas"):
+        f = field[v].isel(member=0) if "member" in field[v].dims else field[v]
+        parts.append((f - base[v]).where(mask).values.ravel())
+    ok = np.isfinite(parts[0]) & np.isfinite(parts[1])
+    return float(np.corrcoef(parts[0][ok], parts[1][ok])[0, 1])
+
+
+def paired(label: str, coarse: xr.Dataset, truth: xr.Dataset, joint: Any, members: int, **qdm: Any) -> dict:
+    fields, seconds, scales = _methods(coarse, joint, members, qdm or None)
+    mask = joint.grid["mask"]
+    base_name = next(iter(fields))
+    base = fields[base_name]
+    truth = truth.sel(time=coarse["time"])
+    rows = []
+    for name, field in fields.items():
+        row: dict[str, Any] = {"method": name}
+        for v in ("pr", "tas"):
+            ens = field[v] if "member" in field[v].dims else field[v].expand_dims(member=[0])
+            ens = ens.where(mask)
+            row[f"crps_{v}"] = float(metrics.crps_ensemble(ens, truth[v].where(mask), mean=...))
+            err = ens.mean("member") - truth[v].where(mask)
+            rmse = float(np.sqrt((err**2).mean()))
+            m = ens.sizes["member"]
+            spread = float(np.sqrt(ens.var("member", ddof=1).mean() * (m + 1) / m)) if m > 1 else np.nan
+            row[f"spread_skill_{v}"] = spread / rmse
+        row["coupling"] = _coupling(field, base, mask) if name != base_name else float("nan")
+        row["seconds_per_field"] = seconds.get(name, float("nan"))
+        rows.append(row)
+    rows.append({"method": "E-OBS (truth)", "coupling": _coupling(truth, base, mask)})
+    return {"label": label, "rows": rows, "scales": scales}
+
+
+def _cell_correlation(field: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    pr = field["pr"].isel(member=0) if "member" in field["pr"].dims else field["pr"]
+    tas = field["tas"].isel(member=0) if "member" in field["tas"].dims else field["tas"]
+    return xr.corr(pr, tas, dim="time").where(mask)
+
+
+def unpaired(cnrm: xr.Dataset, truth: xr.Dataset, joint: Any, members: int) -> dict:
+    test = cnrm.sel(time=TEST)
+    hist = {v: {"qdm": True, "hist": cnrm[v].sel(time=HIST)} for v in ("pr", "tas")}
+    fields, _, scales = _methods(test, joint, members, hist)
+    mask = joint.grid["mask"]
+    reference = _cell_correlation(truth, mask)
+    rows, maps = [], {"E-OBS (truth)": reference}
+    for name, field in fields.items():
+        row: dict[str, Any] = {"method": name}
+        for v in ("pr", "tas"):
+            first = field[v].isel(member=0) if "member" in field[v].dims else field[v]
+            row[f"mean_abs_error_{v}"] = float(
+                metrics.mean_abs_error(first.where(mask), truth[v].where(mask))
+            )
+            row[f"wasserstein_{v}"] = metrics.wasserstein(field[v].where(mask), truth[v].where(mask))
+        maps[name] = _cell_correlation(field, mask)
+        row["corr_pr_tas"] = float(maps[name].mean())
+        row["corr_map_error"] = float(np.abs(maps[name] - reference).mean())
+        rows.append(row)
+    rows.append({"method": "E-OBS (truth)", "corr_pr_tas": float(reference.mean())})
+    return {"rows": rows, "scales": scales, "maps": maps}
+
+
+def map_figure(maps: dict[str, xr.DataArray]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.2), constrained_layout=True)
+    for ax, (name, field) in zip(axes, maps.items(), strict=True):
+        im = field.plot(ax=ax, cmap="RdBu_r", vmin=-0.6, vmax=0.6, add_colorbar=False)
+        ax.set_title(f"{name}\nmean {float(field.mean()):.2f}", fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="corr(pr, tas) over the test days")
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / "correlation-maps.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "figures/evaluation-joint/correlation-maps.png"
+
+
+def write(results: list[dict], climate: dict, figure: str, joint: Any, args: argparse.Namespace) -> None:
+    import datetime
+
+    training = joint.card["training"]
+    paired_keys = [
+        "crps_pr",
+        "crps_tas",
+        "spread_skill_pr",
+        "spread_skill_tas",
+        "coupling",
+        "seconds_per_field",
+    ]
+    lines = [
+        "# Evaluation: precipitation and temperature together",
+        "",
+        "<!-- written by benchmarks/evaluate_joint.py; do not edit by hand -->",
+        "",
+        f"Model `{joint.name}` (sha256 `{joint.sha256[:12]}`; {training['steps']} steps, "
+        f"{training.get('hours', '?')} h on {training.get('hardware', training.get('device'))}), E-OBS v14 "
+        "`rr` and `tg` 0.5 deg truth, test winters 1997/98-2001/02 (never used for training or tuning); "
+        f"{args.members} members; generated {datetime.date.today()} by "
+        "`python benchmarks/evaluate_joint.py`. "
+        "Precipitation in mm/day, temperature in degC, land cells only. *Separate CMs* are the one-variable "
+        "models `cm-eobs-iberia-0.5deg-tas` and `cm-eobs-iberia-0.25deg-pr` (its output averaged "
+        "conservatively onto 0.5 deg), each with its own noise.",
+        "",
+        "*Coupling* is the correlation, over land cells and days, between the small-scale parts of "
+        "precipitation and temperature: each field minus the bilinear interpolation of its coarse input "
+        "(for E-OBS, the truth minus the same bilinear field). It asks whether the regenerated details of "
+        "the two variables belong together as in the observations.",
+        "",
+        "## Paired tests",
+        "",
+    ]
+    for result in results:
+        lines += [f"### {result['label']}", "", f'Scales chosen by `"auto"`: {result["scales"]}.', ""]
+        lines += [_table(result["rows"], paired_keys), ""]
+    lines += [
+        "## Climate model (unpaired): CNRM-CM5",
+        "",
+        "CNRM-CM5 `pr` and `tas` share dates, not weather, with E-OBS. QDM (multiplicative for "
+        "precipitation, additive for temperature) is fitted on the training winters. *corr_pr_tas* is the "
+        "per-cell correlation between daily precipitation and temperature over the test days, averaged "
+        "over land; *corr_map_error* the mean absolute difference of that map from E-OBS's.",
+        "",
+        f'Scales chosen by `"auto"`: {climate["scales"]}.',
+        "",
+        _table(
+            climate["rows"],
+            [
+                "mean_abs_error_pr",
+                "mean_abs_error_tas",
+                "wasserstein_pr",
+                "wasserstein_tas",
+                "corr_pr_tas",
+                "corr_map_error",
+            ],
+        ),
+        "",
+        f"![Per-cell correlation of daily precipitation and temperature]({figure})",
+        "",
+        _reading(results, climate),
+        "",
+    ]
+    (DOCS / "evaluation-joint.md").write_text("\n".join(lines))
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    summary = {"paired": results, "climate": {k: v for k, v in climate.items() if k != "maps"}}
+    (FIGURES / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _reading(results: list[dict], climate: dict) -> str:
+    """What the numbers say, computed from them."""
+    out = []
+    for result in results:
+        rows = {r["method"]: r for r in result["rows"]}
+        j, s, t, b = rows["joint CM"], rows["separate CMs"], rows["E-OBS (truth)"], result["rows"][0]
+        out.append(
+            f"* {result['label']}: joint CRPS {j['crps_pr']:.3f} mm/day and {j['crps_tas']:.3f} degC "
+            f"({b['method']}: {b['crps_pr']:.3f} and {b['crps_tas']:.3f}; separate CMs: {s['crps_pr']:.3f} "
+            f"and {s['crps_tas']:.3f}); coupling {j['coupling']:.2f} for the joint model, "
+            f"{s['coupling']:.2f} for separate models, {t['coupling']:.2f} in E-OBS."
+        )
+    rows = {r["method"]: r for r in climate["rows"]}
+    j, s, q = rows["joint CM"], rows["separate CMs"], climate["rows"][0]
+    out.append(
+        f"* CNRM-CM5: the per-cell pr-tas correlation map is {j['corr_map_error']:.3f} from E-OBS's for "
+        f"the joint model, {s['corr_map_error']:.3f} for separate models and {q['corr_map_error']:.3f} for "
+        f"QDM only; climatology errors {j['mean_abs_error_pr']:.3f} mm/day and {j['mean_abs_error_tas']:.3f} "
+        f"degC (QDM only: {q['mean_abs_error_pr']:.3f} and {q['mean_abs_error_tas']:.3f})."
+    )
+    return "What the numbers say:\n\n" + "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few days and members (smoke test)")
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--days", type=int, default=451, help="test days of the paired tests")
+    parser.add_argument("--model", default=JOINT, help="joint model: name or path")
+    args = parser.parse_args()
+    if args.quick:
+        args.members, args.days = 2, 10
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
+    from xdownscale.models import resolve_model
+
+    joint = resolve_model(args.model)
+    truth_all = _truth()
+    truth = truth_all.isel(time=_days(truth_all.sizes["time"], args.days))
+    coarse = xr.Dataset(
+        {
+            "pr": coarse_grained(truth["pr"], 3).assign_attrs(units="mm/day"),
+            "tas": coarse_grained(truth["tas"], 3).assign_attrs(units="degC"),
+        }
+    )
+    results = [paired("E-OBS coarse-grained 3x (1.5 deg)", coarse, truth, joint, args.members)]
+    ncep = xr.Dataset(
+        {
+            v: xr.open_dataset(DATA / f"ncep_r1_{v}_djf1983-2002.nc")[v].clip(min=0.0 if v == "pr" else None)
+            for v in ("pr", "tas")
+        }
+    )
+    qdm = {v: {"qdm": True, "hist": ncep[v].sel(time=HIST)} for v in ("pr", "tas")}
+    results.append(
+        paired("NCEP R1 + QDM (same days)", ncep.sel(time=truth["time"]), truth, joint, args.members, **qdm)
+    )
+    cnrm = xr.Dataset(
+        {
+            v: xr.open_dataset(DATA / f"cmip5_cnrm-cm5_{v}_historical_djf1983-2002.nc")[v]
+            for v in ("pr", "tas")
+        }
+    )
+    climate = unpaired(cnrm, truth_all, joint, args.members)
+    figure = map_figure(climate["maps"])
+    write(results, climate, figure, joint, args)
+    print((DOCS / "evaluation-joint.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
