@@ -210,3 +210,33 @@ def test_dataset_downscaling_errors(joint: xdownscale.models.Model) -> None:
         xdownscale.downscale_dataset(ds["pr"], model=joint)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="ds.downscale.sde works on one variable"):
         ds.downscale.sde(model=joint)
+
+
+@pytest.mark.filterwarnings("ignore:.*training range:xdownscale.errors.XDownscaleWarning")  # a 4-step model
+def test_cli_downscales_several_variables_into_one_store(
+    joint: xdownscale.models.Model, tmp_path: Path
+) -> None:
+    from xdownscale.cli import main
+
+    ds = _coarse(ntime=10)
+    ds.to_netcdf(tmp_path / "coarse.nc")
+    out = tmp_path / "fine.zarr"
+    args = ["downscale", str(tmp_path / "coarse.nc"), "-v", "pr", "-v", "tas", "--model", str(joint.path)]
+    args += ["--out", str(out), "--scale", "sigma=0.3", "--members", "2", "--block", "4", "--quiet"]
+    args += ["--qdm-hist", "2001-01-01/2001-01-10"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model    ") == 2 and "written  'tas'" in result.output
+    written = xr.open_zarr(out)
+    assert set(written.data_vars) == {"pr", "tas"} and written["tas"].sizes["member"] == 2
+    # the same as the call in Python with the same resolved QDM and scale, block by block
+    again = ds.downscale.cm(model=joint, scale="sigma=0.3", members=2, qdm=True, progress=False)
+    for v in ("pr", "tas"):
+        np.testing.assert_allclose(written[v].values, again[v].values, rtol=1e-5, atol=1e-6)
+    # a finished job resumes to the same store; another model or setting is refused
+    assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0
+    other = [a if a != "sigma=0.3" else "sigma=0.4" for a in args]
+    refused = CliRunner().invoke(main, [*other, "--resume"])
+    assert refused.exit_code != 0 and "different job" in refused.output
+    single = CliRunner().invoke(main, [*args[:6], "--model", "cm-eobs-iberia-0.25deg-pr", *args[8:]])
+    assert single.exit_code != 0 and "downscales one variable" in single.output

@@ -70,6 +70,11 @@ def check_complete(path: str | Path) -> None:
         )
 
 
+def open_inputs(paths: Sequence[str | Path], variables: Sequence[str], *, chunks: int = 32) -> xr.Dataset:
+    """Several variables (for a joint model) from the same files, each as :func:`open_input` gives it."""
+    return xr.Dataset({v: open_input(paths, v, chunks=chunks) for v in variables})
+
+
 def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) -> xr.DataArray:
     """Open one or many netCDF/zarr files lazily and return ``variable`` chunked along time."""
     from .xr.cf import find_time
@@ -100,15 +105,17 @@ def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) 
     return da.chunk({time: chunks, grid.ydim: -1, grid.xdim: -1})
 
 
-def _fingerprint(da: xr.DataArray, **config: Any) -> str:
+def _fingerprint(da: xr.DataArray | xr.Dataset, **config: Any) -> str:
     from .xr.cf import find_time
 
-    time = find_time(da)
-    t = da[time].values
+    first = da[next(iter(da.data_vars))] if isinstance(da, xr.Dataset) else da
+    time = find_time(first)
+    t = first[time].values
     return json.dumps(
         {
-            "shape": list(da.shape),
-            "dims": list(map(str, da.dims)),
+            "shape": list(first.shape),
+            "dims": list(map(str, first.dims)),
+            "variables": sorted(map(str, da.data_vars)) if isinstance(da, xr.Dataset) else None,
             "first": str(t[0]),
             "last": str(t[-1]),
             **config,
@@ -119,7 +126,7 @@ def _fingerprint(da: xr.DataArray, **config: Any) -> str:
 
 
 def downscale_to_store(
-    da: xr.DataArray,
+    da: xr.DataArray | xr.Dataset,
     out: str | Path,
     *,
     model: Any,
@@ -140,7 +147,8 @@ def downscale_to_store(
     Parameters
     ----------
     da
-        Coarse input, lazily opened (see :func:`open_input`).
+        Coarse input, lazily opened (see :func:`open_input`); for a joint model a Dataset of its
+        variables (:func:`open_inputs`), downscaled together (:func:`xdownscale.downscale_dataset`).
     out
         Output path ending in ``.zarr`` or ``.nc``.
     scale, members, seed, steps, method
@@ -173,11 +181,25 @@ def downscale_to_store(
         warnings.filterwarnings(
             "ignore", message=".*QDM needs the whole time series", category=PerformanceWarning
         )
-        time = str(find_time(da))
+        time = str(find_time(da[next(iter(da.data_vars))] if isinstance(da, xr.Dataset) else da))
         if qdm_hist is not None and da.sel({time: qdm_hist}).sizes[time] == 0:
             raise InputError(
                 f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
             )
+        if isinstance(da, xr.Dataset):
+            joint_result, fingerprint = _joint_job(
+                da,
+                model=model,
+                method=method,
+                scale=scale,
+                members=members,
+                seed=seed,
+                steps=steps,
+                qdm_hist=qdm_hist,
+                block=block,
+                **kwargs,
+            )
+            return _write(joint_result, out, fingerprint, time, block, resume, scheduler, progress)
         # everything that needs the whole input, resolved once and computed: the QDM fit and the scale
         job = plan(
             da,
@@ -195,6 +217,72 @@ def downscale_to_store(
         fingerprint = _fingerprint(da, **job.to_dict(), qdm_hist=str(qdm_hist), block=block)
         result = job.apply(da)
     result.attrs["history"] = result.attrs.get("history", "").split("\n")[-1]
+    return _write(result, out, fingerprint, time, block, resume, scheduler, progress)
+
+
+def _joint_job(
+    ds: xr.Dataset, *, model: Any, method: str, scale: Any, qdm_hist: slice | None, block: int, **kwargs: Any
+) -> tuple[xr.Dataset, str]:
+    """A joint model's job: each variable's QDM and scale resolved once (on the whole input), then the
+    variables downscaled together; the fingerprint names every variable's plan."""
+    from .api import plan
+    from .joint import downscale_dataset, match_variables
+    from .preparation import resolved_model
+
+    joint = resolved_model(model)
+    if method != "cm":
+        raise InputError(
+            f"--method {method}: a joint model of several variables is a consistency model (cm)."
+        )
+    if not joint.joint:
+        raise InputError(
+            f"Model '{joint.name}' downscales one variable; pass one --variable, or a joint model for "
+            "several."
+        )
+    matched = match_variables(ds, joint)
+    settings = {k: kwargs[k] for k in ("steps", "members", "seed") if k in kwargs}
+    plans = {
+        v: plan(
+            ds[name],
+            model=joint.for_variable(v),
+            method="cm",
+            scale=scale,
+            qdm=qdm_hist is not None,
+            hist=qdm_hist,
+            progress=False,
+            **settings,
+            **{k: w for k, w in kwargs.items() if k not in settings},
+        ).compute()
+        for v, name in matched.items()
+    }
+    fingerprint = _fingerprint(
+        ds, **{v: p.to_dict() for v, p in plans.items()}, qdm_hist=str(qdm_hist), block=block
+    )
+    result = downscale_dataset(
+        ds,
+        model=joint,
+        variables=matched,
+        scale={v: p.scale for v, p in plans.items()},
+        qdm={v: (p.qdm if p.qdm is not None else False) for v, p in plans.items()},
+        progress=False,
+        **settings,
+        **{k: w for k, w in kwargs.items() if k not in settings},
+    )
+    for var in result.data_vars.values():
+        var.attrs["history"] = var.attrs.get("history", "").split("\n")[-1]
+    return result, fingerprint
+
+
+def _write(
+    result: xr.DataArray | xr.Dataset,
+    out: Path,
+    fingerprint: str,
+    time: str,
+    block: int,
+    resume: bool,
+    scheduler: str | None,
+    progress: bool,
+) -> Path:
     if out.suffix == ".nc":
         if out.exists() and not resume:
             raise InputError(f"{out} exists. Remove it or pass --resume to keep it.")
@@ -221,7 +309,15 @@ def _client(scheduler: str | None) -> Any:
     return Client(scheduler)
 
 
-def _write_netcdf(result: xr.DataArray, out: Path, scheduler: str | None, progress: bool) -> Path:
+def _as_dataset(result: xr.DataArray | xr.Dataset) -> xr.Dataset:
+    return (
+        result if isinstance(result, xr.Dataset) else result.to_dataset(name=str(result.name or "downscaled"))
+    )
+
+
+def _write_netcdf(
+    result: xr.DataArray | xr.Dataset, out: Path, scheduler: str | None, progress: bool
+) -> Path:
     client = _client(scheduler)
     try:
         computed = client.compute(result).result() if client is not None else result.compute()
@@ -229,13 +325,13 @@ def _write_netcdf(result: xr.DataArray, out: Path, scheduler: str | None, progre
         if client is not None:
             client.close()
     tmp = out.with_name(out.name + ".part")
-    computed.to_dataset(name=str(result.name or "downscaled")).to_netcdf(tmp)
+    _as_dataset(computed).to_netcdf(tmp)
     os.replace(tmp, out)
     return out
 
 
 def _write_zarr(
-    result: xr.DataArray,
+    result: xr.DataArray | xr.Dataset,
     out: Path,
     *,
     fingerprint: str,
@@ -248,11 +344,9 @@ def _write_zarr(
     import zarr
     from tqdm.auto import tqdm
 
-    name = str(result.name or "downscaled")
     ntime = result.sizes[time]
     starts = list(range(0, ntime, block))
-    result = result.chunk({time: block})
-    ds = result.to_dataset(name=name)
+    ds = _as_dataset(result.chunk({time: block}))
     for var in ds.variables.values():
         var.encoding.pop("chunks", None)
     done: set[int] = set()

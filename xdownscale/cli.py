@@ -287,7 +287,14 @@ def train_sda(**options: Any) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--variable", "-v", required=True, help="Variable to downscale (e.g. pr).")
+@click.option(
+    "--variable",
+    "-v",
+    required=True,
+    multiple=True,
+    help="Variable to downscale (e.g. pr). Repeat it (-v pr -v tas) to downscale several variables "
+    "together with a joint model.",
+)
 @click.option("--model", "-m", required=True, help="Model name (see 'xdownscale models') or path.")
 @click.option(
     "--out",
@@ -342,7 +349,7 @@ def train_sda(**options: Any) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def downscale(
     inputs: tuple[str, ...],
-    variable: str,
+    variable: tuple[str, ...],
     model: str,
     out: str,
     qdm_hist: str | None,
@@ -351,19 +358,23 @@ def downscale(
     allow_partial: bool,
     **options: Any,
 ) -> None:
-    """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model.
+    """Downscale VARIABLE from the coarse INPUTS (netCDF files or a zarr store) with a model (several
+    variables, --variable repeated, together with a joint model).
 
     The input is read with each field in one chunk and --block time steps per chunk (no need to chunk
     it yourself). At the end the model, the scale that was used (the one 'auto' picked) and the bias
     correction are printed once. A .zarr store is marked complete only after its last block; a killed
     job is finished by the same command with --resume.
     """
-    from .batch import downscale_to_store, open_input, parse_period
+    from .batch import downscale_to_store, open_input, open_inputs, parse_period
     from .xr.domain import allow_partial_coverage
 
     with _notes() as notes, allow_partial_coverage(allow_partial):
         try:
-            da = open_input(inputs, variable, chunks=block)
+            if len(variable) == 1:
+                da: Any = open_input(inputs, variable[0], chunks=block)
+            else:
+                da = open_inputs(inputs, variable, chunks=block)
             path = downscale_to_store(
                 da,
                 out,
@@ -378,7 +389,8 @@ def downscale(
             if "allow_partial_coverage" in message:
                 message += " On the command line: --allow-partial."
             raise click.ClickException(message) from err
-    click.echo(_job_summary(path, variable, qdm_hist))
+    for name in variable:
+        click.echo(_job_summary(path, name, qdm_hist))
     for note in notes:
         click.echo(f"note     {note}")
 
