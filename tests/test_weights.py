@@ -56,3 +56,29 @@ def test_readme_lists_every_shipped_model() -> None:
     readme = (WEIGHTS.parent / "README.md").read_text(encoding="utf-8")
     missing = [p.stem for p in sorted(WEIGHTS.glob("*.json")) if f"`{p.stem}`" not in readme]
     assert not missing, f"README.md's model table lacks {missing}"
+
+
+def test_shipped_joint_model_downscales_a_two_variable_dataset() -> None:
+    import pandas as pd
+    import xarray as xr
+
+    model = xdownscale.load_model("cm-eobs-iberia-0.5deg-pr-tas")
+    assert model.joint and model.variables == ["tas", "pr"] and model.shape == (19, 29)
+    card = json.loads((WEIGHTS / "cm-eobs-iberia-0.5deg-pr-tas.json").read_text())
+    assert card["intended_use"] and "non-commercial" in card["training"]["licence"]
+    # a CMIP-like Dataset on a 1.5 deg grid, in the CMIP units: one call, both variables back
+    rng = np.random.default_rng(0)
+    lat, lon = np.arange(33.0, 47.0, 1.5), np.arange(-12.0, 7.0, 1.5)
+    shape = (4, lat.size, lon.size)
+    ds = xr.Dataset(
+        {
+            "pr": (("time", "lat", "lon"), rng.gamma(0.6, 3.0, shape) / 86400.0, {"units": "kg m-2 s-1"}),
+            "tas": (("time", "lat", "lon"), 281.0 + rng.normal(0.0, 2.0, shape), {"units": "K"}),
+        },
+        coords={"time": pd.date_range("2000-01-01", periods=4), "lat": lat, "lon": lon},
+    )
+    fine = ds.downscale.cm(model="cm-eobs-iberia-0.5deg-pr-tas", members=2, progress=False)
+    assert fine["tas"].attrs["units"] == "K" and fine["pr"].attrs["units"] == "kg m-2 s-1"
+    land = model.mask
+    assert np.isfinite(fine["tas"].values[..., land]).all() and (fine["pr"].values[..., land] >= 0).all()
+    assert 270.0 < float(fine["tas"].mean()) < 292.0
