@@ -206,9 +206,9 @@ def test_dataset_downscaling_errors(joint: xdownscale.models.Model) -> None:
         ds.downscale.cm(model="cm-eobs-iberia-0.25deg-pr")
     with pytest.raises(InputError, match="downscales one variable"):
         xdownscale.downscale_dataset(ds, model="cm-eobs-iberia-0.25deg-pr")
-    with pytest.raises(InputError, match="needs an xarray.Dataset"):
+    with pytest.raises(InputError, match=r"needs an xarray\.Dataset"):
         xdownscale.downscale_dataset(ds["pr"], model=joint)  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="ds.downscale.sde works on one variable"):
+    with pytest.raises(InputError, match=r"ds\.downscale\.sde works on one variable"):
         ds.downscale.sde(model=joint)
 
 
