@@ -88,3 +88,18 @@ def test_accessor_methods_spell_out_the_functions_keywords(method: str, function
     assert set(fn) - differs == set(acc) - differs
     for name in set(fn) - differs:
         assert acc[name].default == fn[name].default, name
+
+
+def test_dataset_accessor_spells_out_downscale_dataset_keywords() -> None:
+    """ds.downscale.cm shows every keyword of xdownscale.downscale_dataset, with its defaults (steps: 1)."""
+    import inspect
+
+    from xdownscale.accessors import DatasetDownscaleAccessor
+    from xdownscale.joint import downscale_dataset
+
+    fn = dict(inspect.signature(downscale_dataset).parameters)
+    acc = dict(inspect.signature(DatasetDownscaleAccessor.cm).parameters)
+    fn.pop("ds"), acc.pop("self")
+    assert set(fn) == set(acc)
+    for name in set(fn) - {"steps"}:
+        assert acc[name].default == fn[name].default, name
