@@ -35,11 +35,13 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+import xarray as xr
 
 from ..errors import InputError
 from .card import CARD_FORMAT, KINDS, jsonable
@@ -351,9 +353,6 @@ def train(
         The units are missing or unknown (pass ``units=``).
     """
     from ..core.rng import sample_key
-    from ..transforms import LogNormalize
-    from ..xr.qdm import reference_quantiles
-    from ..xr.spectra import psd
 
     started = time.time()
     if kind not in KINDS:
@@ -388,48 +387,12 @@ def train(
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
 
-    # ---- data: (time, variable, y, x), one variable or several on one grid
-    fields, quantities, grid, source, raw = training_fields(data, variable, units)
-    joint = len(fields) > 1
-    if joint and (kind != "cm" or loss != "ect"):
-        raise InputError(
-            f"A joint model of several variables is a consistency model trained with loss='ect'; got "
-            f"kind={kind!r}, loss={loss!r}."
-        )
-    da = fields[0]
-    names = [str(f.name) for f in fields]
-    variable = names[0] if not joint else "+".join(names)
-    ny, nx = grid.shape(da)
-    splits = [split_validation(f, val_time, val_fraction) for f in fields]
-    train_da, val_da = splits[0]
-    train_phys = np.ascontiguousarray(np.stack([t.values for t, _ in splits], axis=1), dtype=np.float32)
-    val_phys = (
-        np.ascontiguousarray(np.stack([cast(Any, v).values for _, v in splits], axis=1), dtype=np.float32)
-        if val_da is not None
-        else None
-    )
-    allnan = np.isnan(train_phys).all(axis=0)
-    if val_phys is not None:
-        allnan &= np.isnan(val_phys).all(axis=0)
-    mask = np.asarray(~allnan.any(axis=0), dtype=bool)  # cells where every variable has data
-    if not mask.any():
-        raise InputError(f"'{variable}' is NaN everywhere at all times; nothing to train on.")
-    digest = hashlib.sha256(train_phys.tobytes())
-    if val_phys is not None:
-        digest.update(val_phys.tobytes())
-    train_das = [t.copy(data=train_phys[:, c]) for c, (t, _) in enumerate(splits)]
-    train_da = train_das[0]
-
-    # ---- normalisation, target spectra, reference quantiles (training period only), per variable
-    transforms = [
-        LogNormalize(eps=eps, log=q == "precipitation").fit(t)
-        for t, q in zip(train_das, quantities, strict=True)
-    ]
-    transform = transforms[0]
-    targets = [psd(tr.forward(t)).mean(str(t.dims[0])) for tr, t in zip(transforms, train_das, strict=True)]
-    target = targets[0]
-    refs = [reference_quantiles(t, nquantiles=nquantiles) for t in train_das]
-
+    # ---- data, normalisation, target spectra, reference quantiles (training period only), per variable
+    ts = _training_set(data, variable, units, val_time, val_fraction, eps, nquantiles, kind, loss)
+    fields, grid, variable, mask = ts.fields, ts.grid, ts.variable, ts.mask
+    joint, da, train_da, val_da = len(fields) > 1, fields[0], ts.train[0], ts.val[0] if ts.val else None
+    train_phys, val_phys, transforms, target = ts.train_phys, ts.val_phys, ts.transforms, ts.targets[0]
+    transform, (ny, nx) = transforms[0], grid.shape(da)
     nchan = len(fields)
     arch = {
         "in_channels": nchan,
@@ -460,7 +423,7 @@ def train(
         "n_val": 0 if val_phys is None else int(val_phys.shape[0]),
         "grid_shape": [ny, nx],
         "eps": float(eps),
-        "data_sha256": digest.hexdigest(),
+        "data_sha256": ts.digest,
         "checkpoint_every": checkpoint_every,
         "keep_checkpoints": int(keep_checkpoints),
     }
@@ -681,37 +644,7 @@ def train(
     val_times = val_da[val_da.dims[0]].values if val_da is not None else None
     from .._version import __version__
 
-    variable_entries = [
-        {
-            "name": str(f.name),
-            "units": f.attrs.get("units"),
-            # precipitation is stored as a rate whatever the source (an amount, a flux) called it
-            "standard_name": STANDARD_NAMES["precipitation"]
-            if q == "precipitation"
-            else f.attrs.get("standard_name", STANDARD_NAMES.get(q)),
-            "long_name": f.attrs.get("long_name", f.attrs.get("description")),
-            "kind": q,
-            "transform": tr.to_dict(),
-        }
-        for f, q, tr in zip(fields, quantities, transforms, strict=True)
-    ]
-    psd_entries = [
-        {
-            "name": str(t.name),
-            "wavenumber": t["wavenumber"].values,
-            "psd": t.values,
-            "wavelength_km": t["wavelength_km"].values,
-            "n_cells": int(t.attrs["n_cells"]),
-            "spacing_km": t.attrs.get("spacing_km"),
-            "space": "transformed",
-            "attrs": {k: v for k, v in t.attrs.items() if k not in ("n_cells", "spacing_km")},
-        }
-        for t in targets
-    ]
-    quantile_entries = [
-        {"key": "aux.reference_quantiles", "quantiles": r["quantiles"].values, "units": f.attrs.get("units")}
-        for r, f in zip(refs, fields, strict=True)
-    ]
+    variable_entries, psd_entries, quantile_entries = _variable_sections(ts)
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "name": name or f"{kind}-{variable}-{ny}x{nx}",
@@ -723,7 +656,7 @@ def train(
         "grid": grid_card(da, grid),
         "sigma": sigma,
         "training": {
-            "data": description or source,
+            "data": description or ts.source,
             "period": [iso_date(times[0]), iso_date(times[-1])],
             "validation_period": None
             if val_times is None
@@ -732,8 +665,8 @@ def train(
             "n_val": config["n_val"],
             "licence": licence
             or str(
-                raw.attrs.get("license")
-                or raw.attrs.get("licence")
+                ts.raw.attrs.get("license")
+                or ts.raw.attrs.get("licence")
                 or "unknown: see the terms of use of the training data"
             ),
             "steps": int(steps),
@@ -766,7 +699,7 @@ def train(
             for v, p, q in zip(variable_entries, psd_entries, quantile_entries, strict=True)
         ]
     ydim, xdim = grid.ydim, grid.xdim
-    ref_values = [r.transpose("quantiles", ydim, xdim).values for r in refs]
+    ref_values = [r.transpose("quantiles", ydim, xdim).values for r in ts.refs]
     return save_model(
         out,
         trainer.ema.eval(),
@@ -774,5 +707,129 @@ def train(
         mask=mask,
         reference_quantiles=ref_values[0],
         dtype=dtype,
-        variable_quantiles=dict(zip(names, ref_values, strict=True)) if joint else None,
+        variable_quantiles=dict(zip(ts.names, ref_values, strict=True)) if joint else None,
     )
+
+
+@dataclass
+class _TrainingSet:
+    """The fields to train on, split, as arrays, with what is fitted on them (one entry per variable)."""
+
+    fields: list[xr.DataArray]
+    quantities: list[str]
+    grid: Any
+    source: str
+    raw: xr.DataArray
+    names: list[str]
+    variable: str
+    train: list[xr.DataArray]
+    val: list[xr.DataArray] | None
+    train_phys: np.ndarray  # (time, variable, y, x)
+    val_phys: np.ndarray | None
+    mask: np.ndarray
+    digest: str
+    transforms: list[Any]
+    targets: list[xr.DataArray]
+    refs: list[xr.DataArray]
+
+
+def _training_set(
+    data: Any,
+    variable: Any,
+    units: Any,
+    val_time: Any,
+    val_fraction: float,
+    eps: float,
+    nquantiles: int,
+    kind: str,
+    loss: str,
+) -> _TrainingSet:
+    """Read, split and stack the training fields; fit each variable's transform, target spectrum and
+    reference quantiles on the training period."""
+    from ..transforms import LogNormalize
+    from ..xr.qdm import reference_quantiles
+    from ..xr.spectra import psd
+
+    fields, quantities, grid, source, raw = training_fields(data, variable, units)
+    if len(fields) > 1 and (kind != "cm" or loss != "ect"):
+        raise InputError(
+            f"A joint model of several variables is a consistency model trained with loss='ect'; got "
+            f"kind={kind!r}, loss={loss!r}."
+        )
+    names = [str(f.name) for f in fields]
+    variable = "+".join(names)
+    splits = [split_validation(f, val_time, val_fraction) for f in fields]
+    train_phys = np.ascontiguousarray(np.stack([t.values for t, _ in splits], axis=1), dtype=np.float32)
+    has_val = splits[0][1] is not None
+    val_phys = (
+        np.ascontiguousarray(np.stack([cast(Any, v).values for _, v in splits], axis=1), dtype=np.float32)
+        if has_val
+        else None
+    )
+    allnan = np.isnan(train_phys).all(axis=0)
+    if val_phys is not None:
+        allnan &= np.isnan(val_phys).all(axis=0)
+    mask = np.asarray(~allnan.any(axis=0), dtype=bool)  # cells where every variable has data
+    if not mask.any():
+        raise InputError(f"'{variable}' is NaN everywhere at all times; nothing to train on.")
+    digest = hashlib.sha256(train_phys.tobytes())
+    if val_phys is not None:
+        digest.update(val_phys.tobytes())
+    train = [t.copy(data=train_phys[:, c]) for c, (t, _) in enumerate(splits)]
+    transforms = [
+        LogNormalize(eps=eps, log=q == "precipitation").fit(t) for t, q in zip(train, quantities, strict=True)
+    ]
+    return _TrainingSet(
+        fields=fields,
+        quantities=quantities,
+        grid=grid,
+        source=source,
+        raw=raw,
+        names=names,
+        variable=variable,
+        train=train,
+        val=[cast(xr.DataArray, v) for _, v in splits] if has_val else None,
+        train_phys=train_phys,
+        val_phys=val_phys,
+        mask=mask,
+        digest=digest.hexdigest(),
+        transforms=transforms,
+        targets=[psd(tr.forward(t)).mean(str(t.dims[0])) for tr, t in zip(transforms, train, strict=True)],
+        refs=[reference_quantiles(t, nquantiles=nquantiles) for t in train],
+    )
+
+
+def _variable_sections(ts: _TrainingSet) -> tuple[list[dict], list[dict], list[dict]]:
+    """The card's description, target spectrum and reference-quantile entry of each variable."""
+    variable_entries = [
+        {
+            "name": str(f.name),
+            "units": f.attrs.get("units"),
+            # precipitation is stored as a rate whatever the source (an amount, a flux) called it
+            "standard_name": STANDARD_NAMES["precipitation"]
+            if q == "precipitation"
+            else f.attrs.get("standard_name", STANDARD_NAMES.get(q)),
+            "long_name": f.attrs.get("long_name", f.attrs.get("description")),
+            "kind": q,
+            "transform": tr.to_dict(),
+        }
+        for f, q, tr in zip(ts.fields, ts.quantities, ts.transforms, strict=True)
+    ]
+    psd_entries = [
+        {
+            "name": str(t.name),
+            "wavenumber": t["wavenumber"].values,
+            "psd": t.values,
+            "wavelength_km": t["wavelength_km"].values,
+            "n_cells": int(t.attrs["n_cells"]),
+            "spacing_km": t.attrs.get("spacing_km"),
+            "space": "transformed",
+            "attrs": {k: v for k, v in t.attrs.items() if k not in ("n_cells", "spacing_km")},
+        }
+        for t in ts.targets
+    ]
+    quantile_entries = [
+        {"key": "aux.reference_quantiles", "quantiles": r["quantiles"].values, "units": f.attrs.get("units")}
+        for r, f in zip(ts.refs, ts.fields, strict=True)
+    ]
+    return variable_entries, psd_entries, quantile_entries
