@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -150,6 +151,8 @@ def score(fields: dict, seconds: dict, coarse: xr.DataArray, truth: xr.DataArray
             "days": int(field.sizes["time"]),
             "spread": float(field.std("member").mean()) if "member" in field.dims else float("nan"),
             "wasserstein": metrics.wasserstein(field, truth),
+            # Wasserstein-1 of all values is at least the difference of their means
+            "mean_shift": float(field.mean()) - float(truth.mean()),
         }
         rows.append(row)
     return rows
@@ -525,6 +528,18 @@ def losses(rows: list[dict]) -> list[str]:
             a, b = cm[key], by[other][key]
             if (higher_better and a < b - 1e-3) or (not higher_better and a > b + 1e-3):
                 out.append(f"CM 1 step is worse than {other} on {label}: {a:.3f} vs {b:.3f}.")
+    qdm = by.get("QDM only")
+    if qdm is not None and abs(qdm["mean_shift"]) >= 0.5 * qdm["wasserstein"]:
+        unpreserved = by.get("CM 1 step, preserve=False", cm)
+        out.append(
+            "On the Wasserstein distance no method that keeps the bias-corrected input's mean can beat QDM "
+            "only: the distance is at least the difference of the means, and QDM only's mean is "
+            f"{qdm['mean_shift']:+.3f} mm/day from E-OBS's on these test days "
+            f"({abs(qdm['mean_shift']):.3f} of its {qdm['wasserstein']:.3f}), a difference between the "
+            "test winters and the training winters QDM was fitted on. The CM keeps that mean by design "
+            f"(shift {cm['mean_shift']:+.3f}); without preserve the shift is "
+            f"{unpreserved['mean_shift']:+.3f}."
+        )
     return out
 
 
@@ -563,6 +578,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.members, args.sde_days, args.sde_steps, args.sweep_days, args.paired_days = 2, 10, 20, 10, 10
+        # a smoke test: the report and its figures go to a scratch folder, never over the published ones
+        global DOCS, FIGURES
+        DOCS = Path(tempfile.mkdtemp(prefix="xdownscale-quick-"))
+        FIGURES = DOCS / "figures" / "evaluation"
+        print(f"--quick: writing the report under {DOCS}")
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
     cm = xdownscale.load_model(CM_NAME)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -325,6 +326,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.members, args.days = 2, 10
+        # a smoke test: the report and its figures go to a scratch folder, never over the published ones
+        global DOCS, FIGURES
+        DOCS = Path(tempfile.mkdtemp(prefix="xdownscale-quick-"))
+        FIGURES = DOCS / "figures" / "evaluation-joint"
+        print(f"--quick: writing the report under {DOCS}")
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
     from xdownscale.models import resolve_model
