@@ -661,7 +661,7 @@ def figure_maps(
     lo, hi = np.nanpercentile(vals, [1, 99])
     if cmap == "Blues":
         lo = 0.0
-    ncol = 4
+    ncol = len(panels) if len(panels) <= 5 else -(-len(panels) // 2)  # one row, or two full-ish ones
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.5 * nrow), squeeze=False)
     for ax, (name, f) in zip(axes.ravel(), panels, strict=False):
@@ -903,7 +903,7 @@ def write_report(results: dict[str, Any]) -> None:
             "against 1.9 in E-OBS, maxima above 2000 mm/day), without it close (std 0.86, mean 1.4, 99th "
             "percentile 24.2 mm/day as in E-OBS). SLAMS's latent prior is the other way round (the corrector "
             "brings its mean from 0.9 to 1.9 mm/day). The defaults are now one correction for SLAMS and "
-            "none for SDA (sweep below).",
+            "none for SDA (`--sweep` adds the table of steps x corrections behind this choice).",
             "4. **Observation errors too small for a point against a cell**: the earlier evaluation used 1 "
             "mm/day for every station. Errors are now estimated from background departures on the training "
             "winters (`estimate_observation_error`); on real precipitation they come out at several mm/day.",

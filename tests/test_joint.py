@@ -95,6 +95,19 @@ def test_joint_training_card_and_loading(joint: xdownscale.models.Model) -> None
         joint.for_variable("rr")
 
 
+def test_joint_training_validates_every_variable_in_the_perfect_model(
+    joint: xdownscale.models.Model,
+) -> None:
+    validation = joint.card["training"]["validation"]
+    # the fixture holds out the last 10% of its days: each variable coarse-grained, downscaled back together
+    assert set(validation["per_variable"]) == {"pr", "tas"}
+    for scores in validation["per_variable"].values():
+        assert scores["crps"] > 0 and scores["bilinear_mae"] > 0
+    relative = np.mean([s["crps"] / s["bilinear_mae"] for s in validation["per_variable"].values()])
+    assert validation["crps"] == pytest.approx(relative) and validation["bilinear_mae"] == 1.0
+    assert "each coarse grid's scale (sigma pr" in validation["metric"]
+
+
 def test_joint_training_errors(tmp_path: Path) -> None:
     pr, tas = _fields()
     with pytest.raises(InputError, match="consistency model trained with loss='ect'"):

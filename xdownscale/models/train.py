@@ -391,8 +391,7 @@ def train(
     ts = _training_set(data, variable, units, val_time, val_fraction, eps, nquantiles, kind, loss)
     fields, grid, variable, mask = ts.fields, ts.grid, ts.variable, ts.mask
     joint, da, train_da, val_da = len(fields) > 1, fields[0], ts.train[0], ts.val[0] if ts.val else None
-    train_phys, val_phys, transforms, target = ts.train_phys, ts.val_phys, ts.transforms, ts.targets[0]
-    transform, (ny, nx) = transforms[0], grid.shape(da)
+    train_phys, val_phys, transforms, (ny, nx) = ts.train_phys, ts.val_phys, ts.transforms, grid.shape(da)
     nchan = len(fields)
     arch = {
         "in_channels": nchan,
@@ -488,17 +487,21 @@ def train(
         val = (val[0][keep], val[1][keep])
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
-    perfect_model = None
-    if kind == "cm" and not joint and val_da is not None and val_phys is not None:
-        from .validation import PerfectModelValidation
+    perfect_model: Any = None
+    if kind == "cm" and ts.val is not None and val_phys is not None:
+        from .validation import JointPerfectModelValidation, PerfectModelValidation
 
-        perfect_model = PerfectModelValidation(
-            val_da.copy(data=val_phys[:, 0]),
-            transform,
-            target,
-            mask,
-            seed=sample_key(seed, "perfect-model") % 2**31,
-        )
+        parts = [
+            PerfectModelValidation(
+                v.copy(data=val_phys[:, c]),
+                transforms[c],
+                ts.targets[c],
+                mask,
+                seed=sample_key(seed, "perfect-model") % 2**31,
+            )
+            for c, v in enumerate(ts.val)
+        ]
+        perfect_model = parts[0] if not joint else JointPerfectModelValidation(parts, ts.names)
     best_path = out / "best-ema.safetensors"
 
     def _loss(model: Any, x0: torch.Tensor, m: torch.Tensor, gen: torch.Generator, step: int) -> torch.Tensor:
@@ -621,11 +624,7 @@ def train(
         scored = [h for h in trainer.history if "val_crps" in h]
         chosen = min(scored, key=lambda h: h["val_crps"])
         validation = {
-            "metric": (
-                f"perfect model: validation fields coarse-grained {perfect_model.factor}x, downscaled back "
-                f"at the coarse grid's scale (sigma {perfect_model.sigma:.4g}), {perfect_model.members} "
-                f"members, scored against the true fields in {da.attrs.get('units')}"
-            ),
+            "metric": perfect_model.metric + ("" if joint else f" in {da.attrs.get('units')}"),
             "step": int(chosen["step"]),
             "crps": chosen["val_crps"],
             "bilinear_mae": perfect_model.bilinear_mae,
@@ -638,6 +637,8 @@ def train(
                 [int(h["step"]), h["val_crps"], h["val_spread_skill"], h["val_mean_ratio"]] for h in scored
             ],
         }
+        if joint:
+            validation["per_variable"] = perfect_model.per_variable(chosen)
     losses = [h["loss"] for h in trainer.history if "loss" in h]
     vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
     times = train_da[train_da.dims[0]].values

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-__all__ = ["PerfectModelValidation"]
+__all__ = ["JointPerfectModelValidation", "PerfectModelValidation"]
 
 
 class PerfectModelValidation:
@@ -102,21 +102,20 @@ class PerfectModelValidation:
             the ensemble mean, with the finite-ensemble factor sqrt((M+1)/M)), ``mean_ratio`` (domain mean
             of the output over the truth's) and ``bilinear_mae`` (the bar to beat).
         """
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        gen = torch.Generator().manual_seed(self.seed)
-        n, h, w = self.inputs.shape
-        samples = np.empty((n, self.members, h, w), dtype=np.float64)
-        x_all = torch.from_numpy(self.inputs)[:, None]
-        for m in range(self.members):
-            z_all = torch.randn(x_all.shape, generator=gen)
-            for i in range(0, n, batch_size):
-                x = x_all[i : i + batch_size].to(device)
-                z = z_all[i : i + batch_size].to(device)
-                out = model(x + self.sigma * z, self.sigma)
-                samples[i : i + batch_size, m] = out[:, 0].float().cpu().numpy()
-        model.train(was_training)
+        samples = _ensemble(model, self.inputs[:, None], [self.sigma], self.members, self.seed, batch_size)
+        return self.score_samples(samples[:, :, 0])
+
+    @property
+    def metric(self) -> str:
+        """What :meth:`score` measures, for the model card."""
+        return (
+            f"perfect model: validation fields coarse-grained {self.factor}x, downscaled back at the coarse "
+            f"grid's scale (sigma {self.sigma:.4g}), {self.members} members, scored against the true fields"
+        )
+
+    def score_samples(self, samples: np.ndarray) -> dict[str, float]:
+        """The scores of :meth:`score` for the members ``samples`` (fields, members, y, x), given in the
+        transformed space."""
         phys = np.asarray(self.transform.inverse(samples), dtype=np.float64)
         truth = self.truth[:, None]
         valid = np.broadcast_to(self.valid[:, None], phys.shape)
@@ -138,4 +137,84 @@ class PerfectModelValidation:
             "spread_skill": spread / rmse if rmse > 0 else float("nan"),
             "mean_ratio": float(phys[valid].mean()) / truth_mean if truth_mean > 0 else float("nan"),
             "bilinear_mae": self.bilinear_mae,
+        }
+
+
+def _ensemble(
+    model: torch.nn.Module, inputs: np.ndarray, sigmas: list[float], members: int, seed: int, batch_size: int
+) -> np.ndarray:
+    """``members`` one-step samples of ``model`` from ``inputs`` (fields, channels, y, x), each channel
+    noised to its own level, with fixed noise; returns (fields, members, channels, y, x)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = inputs.shape
+    samples = np.empty((n, members, c, h, w), dtype=np.float64)
+    x_all = torch.from_numpy(inputs)
+    levels = torch.tensor(sigmas, dtype=torch.float32)
+    for m in range(members):
+        z_all = torch.randn(x_all.shape, generator=gen)
+        for i in range(0, n, batch_size):
+            x = x_all[i : i + batch_size].to(device)
+            z = z_all[i : i + batch_size].to(device)
+            sigma: Any = float(sigmas[0]) if c == 1 else levels.to(device)[None, :].expand(x.shape[0], c)
+            out = model(x + levels.to(device)[None, :, None, None] * z, sigma)
+            samples[i : i + batch_size, m] = out.float().cpu().numpy()
+    model.train(was_training)
+    return samples
+
+
+class JointPerfectModelValidation:
+    """:class:`PerfectModelValidation` of a joint model: each variable coarse-grained and noised at its own
+    coarse scale, all denoised together; the score to stop on is the mean over variables of each one's
+    CRPS relative to its bilinear field's MAE (below 1: better than bilinear).
+
+    Parameters
+    ----------
+    parts
+        One :class:`PerfectModelValidation` per variable, in the network's channel order, built on the
+        same validation days.
+    names
+        The variables' names.
+    """
+
+    def __init__(self, parts: list[PerfectModelValidation], names: list[str]) -> None:
+        self.parts, self.names = parts, list(names)
+        self.factor, self.members, self.seed = parts[0].factor, parts[0].members, parts[0].seed
+        self.bilinear_mae = 1.0  # the relative CRPS of the bilinear fields
+
+    @property
+    def metric(self) -> str:
+        sigmas = ", ".join(f"{n} {p.sigma:.4g}" for n, p in zip(self.names, self.parts, strict=True))
+        return (
+            f"perfect model: validation fields of every variable coarse-grained {self.factor}x, downscaled "
+            f"back together at each coarse grid's scale (sigma {sigmas}), {self.members} members; crps is "
+            "the mean over variables of CRPS / bilinear MAE (1 = bilinear), per_variable in their units"
+        )
+
+    @torch.no_grad()
+    def score(self, model: torch.nn.Module, *, batch_size: int = 32) -> dict[str, float]:
+        """Relative ``crps`` and ``mae_mean``, mean ``spread_skill`` and ``mean_ratio`` over variables, and
+        each variable's scores as ``crps_NAME``, ``bilinear_mae_NAME``, ``spread_skill_NAME``."""
+        inputs = np.stack([p.inputs for p in self.parts], axis=1)
+        samples = _ensemble(model, inputs, [p.sigma for p in self.parts], self.members, self.seed, batch_size)
+        per = [p.score_samples(samples[:, :, c]) for c, p in enumerate(self.parts)]
+        out = {
+            "crps": float(np.mean([s["crps"] / s["bilinear_mae"] for s in per])),
+            "mae_mean": float(np.mean([s["mae_mean"] / s["bilinear_mae"] for s in per])),
+            "spread_skill": float(np.mean([s["spread_skill"] for s in per])),
+            "mean_ratio": float(np.mean([s["mean_ratio"] for s in per])),
+            "bilinear_mae": 1.0,
+        }
+        for name, s in zip(self.names, per, strict=True):
+            out |= {f"{key}_{name}": s[key] for key in ("crps", "bilinear_mae", "spread_skill")}
+        return out
+
+    def per_variable(self, record: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """A history record's scores of each variable (for the card)."""
+        return {
+            n: {key: record[f"val_{key}_{n}"] for key in ("crps", "spread_skill")}
+            | {"bilinear_mae": p.bilinear_mae}
+            for n, p in zip(self.names, self.parts, strict=True)
         }
