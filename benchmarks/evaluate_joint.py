@@ -218,6 +218,8 @@ def write(results: list[dict], climate: dict, figure: str, joint: Any, args: arg
         "models `cm-eobs-iberia-0.5deg-tas` and `cm-eobs-iberia-0.25deg-pr` (its output averaged "
         "conservatively onto 0.5 deg), each with its own noise.",
         "",
+        _validation(joint),
+        "",
         "*Coupling* is the correlation, over land cells and days, between the small-scale parts of "
         "precipitation and temperature: each field minus the bilinear interpolation of its coarse input "
         "(for E-OBS, the truth minus the same bilinear field). It asks whether the regenerated details of "
@@ -260,6 +262,22 @@ def write(results: list[dict], climate: dict, figure: str, joint: Any, args: arg
     FIGURES.mkdir(parents=True, exist_ok=True)
     summary = {"paired": results, "climate": {k: v for k, v in climate.items() if k != "maps"}}
     (FIGURES / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _validation(joint: Any) -> str:
+    """The training's stopping rule and what it chose, from the card."""
+    v = joint.card["training"].get("validation")
+    if not v:
+        return "The card holds no perfect-model validation (the last EMA weights are shipped)."
+    parts = ", ".join(
+        f"{name} CRPS {s['crps']:.3f} against {s['bilinear_mae']:.3f} for bilinear"
+        for name, s in v.get("per_variable", {}).items()
+    )
+    return (
+        f"Validation (perfect model on the validation winter 1996/97, in the card): the EMA weights of step "
+        f"{v['step']} have the lowest mean relative CRPS ({v['crps']:.3f}; 1 = bilinear) and are shipped; "
+        f"{parts}."
+    )
 
 
 def _reading(results: list[dict], climate: dict) -> str:
