@@ -628,15 +628,23 @@ def main() -> None:
     write_report(paired_sections, sections, args)
     if args.write_card_metrics:
         for model in (cm, sde):
-            path = Path(model.path).with_suffix(".json")
-            card = json.loads(path.read_text())
-            card["metrics"] = {
-                "evaluation": "docs/evaluation.md (python benchmarks/evaluate_iberia.py)",
-                "test_period": "DJF 1997/98-1999/2000",
-                "truth": "E-OBS 0.25 deg",
-                **card_metrics,
-            }
-            path.write_text(json.dumps(card, indent=1))
+            write_card_metrics(
+                model,
+                {
+                    "evaluation": "docs/evaluation.md (python benchmarks/evaluate_iberia.py)",
+                    "test_period": "DJF 1997/98-1999/2000",
+                    "truth": "E-OBS 0.25 deg",
+                    **card_metrics,
+                },
+            )
+
+
+def write_card_metrics(model: Any, metrics: dict[str, Any]) -> None:
+    """Store ``metrics`` in the JSON card of ``model`` (a loaded model); the weights are not touched."""
+    path = Path(model.path).with_suffix(".json")
+    card = json.loads(path.read_text())
+    card["metrics"] = metrics
+    path.write_text(json.dumps(card, indent=1))
 
 
 def _rounded(row: dict) -> dict:

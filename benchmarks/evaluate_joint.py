@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import DATA, DOCS, coarse_grained
+from evaluate_iberia import DATA, DOCS, coarse_grained, write_card_metrics
 from evaluate_tas import _days, _table
 
 from xdownscale import metrics
@@ -383,15 +383,15 @@ def main() -> None:
     figure = map_figure(climate["maps"])
     write(results, climate, figure, joint, args)
     if args.write_card_metrics:
-        path = Path(joint.path).with_suffix(".json")
-        card = json.loads(path.read_text())
-        card["metrics"] = {
-            "evaluation": "docs/evaluation-joint.md (python benchmarks/evaluate_joint.py)",
-            "test_period": "DJF 1997/98-2001/02",
-            "truth": "E-OBS v14 rr and tg, 0.5 deg",
-            **rows_of(results),
-        }
-        path.write_text(json.dumps(card, indent=1))
+        write_card_metrics(
+            joint,
+            {
+                "evaluation": "docs/evaluation-joint.md (python benchmarks/evaluate_joint.py)",
+                "test_period": "DJF 1997/98-2001/02",
+                "truth": "E-OBS v14 rr and tg, 0.5 deg",
+                **rows_of(results),
+            },
+        )
     print((DOCS / "evaluation-joint.md").read_text())
 
 

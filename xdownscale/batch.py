@@ -105,10 +105,15 @@ def open_input(paths: Sequence[str | Path], variable: str, *, chunks: int = 32) 
     return da.chunk({time: chunks, grid.ydim: -1, grid.xdim: -1})
 
 
+def _first_variable(da: xr.DataArray | xr.Dataset) -> xr.DataArray:
+    """The input itself, or a joint job's first variable (they share time and grid)."""
+    return da[next(iter(da.data_vars))] if isinstance(da, xr.Dataset) else da
+
+
 def _fingerprint(da: xr.DataArray | xr.Dataset, **config: Any) -> str:
     from .xr.cf import find_time
 
-    first = da[next(iter(da.data_vars))] if isinstance(da, xr.Dataset) else da
+    first = _first_variable(da)
     time = find_time(first)
     t = first[time].values
     return json.dumps(
@@ -181,7 +186,7 @@ def downscale_to_store(
         warnings.filterwarnings(
             "ignore", message=".*QDM needs the whole time series", category=PerformanceWarning
         )
-        time = str(find_time(da[next(iter(da.data_vars))] if isinstance(da, xr.Dataset) else da))
+        time = str(find_time(_first_variable(da)))
         if qdm_hist is not None and da.sel({time: qdm_hist}).sizes[time] == 0:
             raise InputError(
                 f"--qdm-hist {qdm_hist.start}/{qdm_hist.stop} selects no time step of the input."
@@ -240,7 +245,6 @@ def _joint_job(
             "several."
         )
     matched = match_variables(ds, joint)
-    settings = {k: kwargs[k] for k in ("steps", "members", "seed") if k in kwargs}
     plans = {
         v: plan(
             ds[name],
@@ -250,8 +254,7 @@ def _joint_job(
             qdm=qdm_hist is not None,
             hist=qdm_hist,
             progress=False,
-            **settings,
-            **{k: w for k, w in kwargs.items() if k not in settings},
+            **kwargs,
         ).compute()
         for v, name in matched.items()
     }
@@ -265,8 +268,7 @@ def _joint_job(
         scale={v: p.scale for v, p in plans.items()},
         qdm={v: (p.qdm if p.qdm is not None else False) for v, p in plans.items()},
         progress=False,
-        **settings,
-        **{k: w for k, w in kwargs.items() if k not in settings},
+        **kwargs,
     )
     for var in result.data_vars.values():
         var.attrs["history"] = var.attrs.get("history", "").split("\n")[-1]

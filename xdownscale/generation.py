@@ -89,7 +89,7 @@ def denoise(
             data = denoise_block(
                 np.asarray(transformed.values, dtype=np.float32),
                 keys,
-                sigma=np.asarray([float(v) for v in levels]) if channel else float(sigma),
+                sigma=np.asarray([float(v) for v in levels]),
                 progress=bar.update,
                 **kwargs,
             )
@@ -130,8 +130,7 @@ def _denoise_dask_block(
     from .models.inference import denoise_block, use_threads
 
     use_threads(threads)
-    sigma = float(sbs[0]) if len(sbs) == 1 else np.asarray([float(v) for v in sbs])
-    return denoise_block(xb, kb.reshape(-1), sigma=sigma, **kwargs)
+    return denoise_block(xb, kb.reshape(-1), sigma=np.asarray([float(v) for v in sbs]), **kwargs)
 
 
 def preserve_rule(preserve: Any, model: Model) -> str | None:

@@ -152,14 +152,14 @@ def _ensemble(
     n, c, h, w = inputs.shape
     samples = np.empty((n, members, c, h, w), dtype=np.float64)
     x_all = torch.from_numpy(inputs)
-    levels = torch.tensor(sigmas, dtype=torch.float32)
+    levels = torch.tensor(sigmas, dtype=torch.float32, device=device)
     for m in range(members):
         z_all = torch.randn(x_all.shape, generator=gen)
         for i in range(0, n, batch_size):
             x = x_all[i : i + batch_size].to(device)
             z = z_all[i : i + batch_size].to(device)
-            sigma: Any = float(sigmas[0]) if c == 1 else levels.to(device)[None, :].expand(x.shape[0], c)
-            out = model(x + levels.to(device)[None, :, None, None] * z, sigma)
+            sigma: Any = float(sigmas[0]) if c == 1 else levels[None, :].expand(x.shape[0], c)
+            out = model(x + levels[None, :, None, None] * z, sigma)
             samples[i : i + batch_size, m] = out.float().cpu().numpy()
     model.train(was_training)
     return samples
