@@ -447,3 +447,26 @@ def test_output_far_outside_the_training_range_is_flagged(cm_model, coarse):
     lazy = huge.chunk({"time": 1}).downscale.cm(model=cm_model.path, scale="200 km")
     with pytest.warns(xdownscale.errors.XDownscaleWarning, match=rf"training range \[0, {top:.4g}\]"):
         lazy.compute()
+
+
+def test_generated_amounts_below_the_training_datas_smallest_positive_value_are_dry(
+    cm_model, coarse, fine_data
+):
+    """The network never saw amounts between 0 and ``wet_min``; what lands there is drizzle from ``exp``."""
+    import copy
+
+    x = coarse.isel(time=slice(0, 4))
+    kwargs = {"scale": "200 km", "members": 2, "seed": 0, "progress": False, "preserve": False}
+    model = copy.deepcopy(xdownscale.load_model(cm_model.path))
+    model.transform.wet_min = None  # as a card written before wet_min was stored: the plain inverse
+    plain = x.downscale.cm(model=model, **kwargs) * 86400.0
+    model.transform.wet_min = 0.5  # mm/day, the units of the model
+    dried = x.downscale.cm(model=model, **kwargs) * 86400.0
+    p, d = plain.values, dried.values
+    assert ((p > 0) & (p < 0.5)).sum() > 0  # there was drizzle to remove
+    assert np.array_equal(np.isnan(p), np.isnan(d))
+    wet, dry = p >= 0.5, p < 0.5 * (1 - 1e-4)
+    np.testing.assert_allclose(d[wet], p[wet], rtol=1e-5)
+    assert (d[dry] < 1e-9).all()
+    # training stores it: the smallest positive amount of the training days (a subset of fine_data)
+    assert cm_model.transform.wet_min >= float(fine_data.where(fine_data > 0).min()) > 0

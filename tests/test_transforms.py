@@ -110,6 +110,27 @@ def test_inverse_clips_precipitation_at_zero_but_not_temperature():
     assert temp.inverse(np.array([-1.5]))[0] == pytest.approx(237.5)
 
 
+def test_wet_min_is_the_smallest_positive_training_value_and_dry_inverse_zeroes_below_it():
+    x = np.array([[0.0, 0.3, np.nan], [0.1, 2.0, 0.0]])
+    t = LogNormalize(eps=0.1).fit(x)
+    assert t.wet_min == 0.1
+    # the same from a DataArray and from lazy data
+    assert LogNormalize(eps=0.1).fit(xr.DataArray(x)).wet_min == 0.1
+    assert LogNormalize(eps=0.1).fit(dsa.from_array(x, chunks=(1, 2))).wet_min == 0.1
+    # an exact inverse by default; dry=True sends what falls between 0 and wet_min to 0, keeps the rest
+    amounts = np.array([0.0, 0.01, 0.0999, 0.1, 0.5, np.nan])
+    y = t.forward(amounts)
+    np.testing.assert_allclose(t.inverse(y), amounts, rtol=1e-9, atol=1e-12)
+    dry = t.inverse(y, dry=True)
+    np.testing.assert_allclose(dry, [0.0, 0.0, 0.0, 0.1, 0.5, np.nan], rtol=1e-9)
+    lazy = t.inverse(xr.DataArray(y).chunk(3), dry=True)
+    np.testing.assert_allclose(lazy.values, dry)
+    # temperatures have none, and dry=True changes nothing for them
+    temp = LogNormalize(log=False).fit(np.array([250.0, 300.0]))
+    assert temp.wet_min is None
+    assert temp.inverse(np.array([-1.0]), dry=True)[0] == 250.0
+
+
 def test_tiny_negative_values_count_as_zero():
     t = LogNormalize(eps=1e-3).fit(np.array([-5e-4, 0.0, 2.0]))
     assert t.lo == 0.0 and t.data_min == -5e-4
@@ -173,6 +194,7 @@ def test_to_dict_from_dict_json_round_trip():
     d = json.loads(json.dumps(t.to_dict()))
     again = LogNormalize.from_dict(d)
     assert again == t and again.units == "mm/day" and again.eps == 1e-3
+    assert again.wet_min is not None and again.wet_min == t.wet_min
     np.testing.assert_array_equal(again.forward(precip().values), t.forward(precip().values))
     assert LogNormalize.from_dict(json.dumps(t.to_dict())) == t
     unfitted = LogNormalize.from_dict(LogNormalize(log=False).to_dict())
@@ -194,6 +216,11 @@ def test_from_dict_errors():
         LogNormalize.from_dict({"lo": 0.0, "hi": 1.0})
     with pytest.raises(InputError, match="needs a mapping; got int"):
         LogNormalize.from_dict(3)
+    with pytest.raises(InputError, match=r"needs a positive 'wet_min' \(or none\); got -0.1"):
+        LogNormalize.from_dict({**good, "wet_min": -0.1})
+    # cards written before wet_min was stored load without it
+    older = {k: v for k, v in good.items() if k != "wet_min"}
+    assert LogNormalize.from_dict(older).wet_min is None
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -70,7 +70,8 @@ def test_crps_of_an_ensemble_matches_the_pairwise_formula(setup: tuple) -> None:
         ]
     )  # member-major, as score draws them
     scores = val.score(_Oracle(members.reshape(-1, *val.inputs.shape[1:])))
-    phys = np.asarray(transform.inverse(members), dtype=np.float64)  # (M, n, h, w)
+    # generated amounts below the training data's smallest positive value are dry, as in downscaling
+    phys = np.asarray(transform.inverse(members, dry=True), dtype=np.float64)  # (M, n, h, w)
     skill = np.abs(phys - val.truth[None]).mean(axis=0)
     spread = np.abs(phys[:, None] - phys[None]).mean(axis=(0, 1))
     expected = (skill - 0.5 * spread)[val.valid].mean()

@@ -167,7 +167,7 @@ class Plan:
         this plan): the inverse transform, the mask, the large scales kept, the range check, the caller's
         units, the member dimension and the attributes."""
         model = self.model
-        out = model.transform.inverse(values)
+        out = model.transform.inverse(values, dry=True)
         out = out.where(model_mask(model))
         if self.preserve is not None:
             out = preserve_scales(out, prepared, da, model, self.preserve)

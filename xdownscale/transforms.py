@@ -8,9 +8,12 @@
 * ``log=False`` (temperature and other unbounded variables): plain min-max scaling of x.
 
 The inverse is exact (to float precision) for ``x >= 0``; in log mode its output is clipped at 0
-so that no negative precipitation comes out of a sample with ``y < -1``. Values in ``[-eps, 0)``
-(round-off from regridding or bias correction) are treated as 0; values below ``-eps`` are an
-error, since they usually mean wrong units or sign conventions.
+so that no negative precipitation comes out of a sample with ``y < -1``. ``inverse(y, dry=True)``
+also sets values below the training data's smallest positive value (``wet_min``; 0.1 mm/day for
+E-OBS, which reports to 0.1 mm) to 0: the model never saw amounts between 0 and ``wet_min``, and
+generated samples that land there are the near-zero tail of ``exp`` ("drizzle"), not rain.
+Values in ``[-eps, 0)`` (round-off from regridding or bias correction) are treated as 0; values
+below ``-eps`` are an error, since they usually mean wrong units or sign conventions.
 
 The class works on numpy arrays, dask arrays and DataArrays (dims, coords and attrs kept; the
 ``units`` attribute becomes "1" in the transformed space and is restored by :meth:`inverse`), keeps
@@ -87,6 +90,9 @@ class LogNormalize:
         Units of the training data (``da.attrs["units"]`` or the ``units`` argument of :meth:`fit`).
     data_min, data_max
         Minimum and maximum of the training data in its own units.
+    wet_min
+        (log mode) Smallest positive value of the training data, its precision; None before
+        :meth:`fit`, for ``log=False`` and for cards written before it was stored.
 
     Examples
     --------
@@ -109,6 +115,7 @@ class LogNormalize:
         self.units: str | None = None
         self.data_min: float | None = None
         self.data_max: float | None = None
+        self.wet_min: float | None = None
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -133,7 +140,7 @@ class LogNormalize:
         """
         if units is None and _is_xarray(data):
             units = data.attrs.get("units")
-        mn, mx = self._min_max(data)
+        mn, mx, wet = self._stats(data)
         if not (np.isfinite(mn) and np.isfinite(mx)):
             if np.isnan(mn) or np.isnan(mx):
                 raise InputError(
@@ -155,32 +162,38 @@ class LogNormalize:
             )
         self.lo, self.hi = lo, hi
         self.data_min, self.data_max = float(mn), float(mx)
+        self.wet_min = float(wet) if self.log and np.isfinite(wet) else None
         self.units = None if units is None else str(units)
         return self
 
     @staticmethod
-    def _min_max(data: Any) -> tuple[float, float]:
+    def _stats(data: Any) -> tuple[float, float, float]:
+        """Minimum, maximum and smallest positive value (NaN if none) of ``data``, NaN ignored."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if _is_xarray(data):
-                mn, mx = data.min(skipna=True), data.max(skipna=True)
+                stats = (data.min(skipna=True), data.max(skipna=True), data.where(data > 0).min(skipna=True))
                 if data.chunks is not None:
                     import dask
 
-                    mn, mx = dask.compute(mn, mx)
-                return float(mn.values), float(mx.values)
+                    stats = dask.compute(*stats)
+                mn, mx, wet = (float(s.values) for s in stats)
+                return mn, mx, wet
             if _is_dask(data):
                 import dask
                 import dask.array as dska
 
-                mn, mx = dask.compute(dska.nanmin(data), dska.nanmax(data))
-                return float(mn), float(mx)
+                positive = dska.where(data > 0, data, np.nan)
+                mn, mx, wet = dask.compute(dska.nanmin(data), dska.nanmax(data), dska.nanmin(positive))
+                return float(mn), float(mx), float(wet)
             arr = np.asarray(data)
             if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
                 raise InputError(f"Cannot fit the transform on data of dtype {arr.dtype}; expected numbers.")
             if arr.size == 0:
-                return float("nan"), float("nan")
-            return float(np.nanmin(arr)), float(np.nanmax(arr))
+                return float("nan"), float("nan"), float("nan")
+            positive = arr[arr > 0]
+            wet = float(positive.min()) if positive.size else float("nan")
+            return float(np.nanmin(arr)), float(np.nanmax(arr)), wet
 
     def _check_min(self, mn: float, data: Any, units: str | None = None) -> None:
         if self.log and np.isfinite(mn) and mn < -self.eps:
@@ -215,13 +228,19 @@ class LogNormalize:
             xt = np.asarray(x, dtype=np.float64)
         return minmax_forward(xt, lo, hi).astype(dtype, copy=False)
 
-    def _inverse_array(self, y: np.ndarray) -> np.ndarray:
+    def _inverse_array(self, y: np.ndarray, dry: bool = False) -> np.ndarray:
         lo, hi = self._require_fitted("inverse")
         y = np.asarray(y)
         dtype = _out_dtype(y.dtype)
         xt = minmax_inverse(y, lo, hi)
         x = log_inverse(xt, self.eps) if self.log else xt
+        if dry and self.log and self.wet_min is not None:
+            # wet_min itself survives the float32 round trip (a relative tolerance of 1e-5)
+            x = np.where(x < self.wet_min * (1.0 - 1e-5), 0.0, x)
         return x.astype(dtype, copy=False)
+
+    def _inverse_dry(self, y: np.ndarray) -> np.ndarray:
+        return self._inverse_array(y, dry=True)
 
     def _apply(self, func: Callable[[np.ndarray], np.ndarray], x: Any, units: str | None) -> Any:
         if _is_xarray(x):
@@ -264,11 +283,20 @@ class LogNormalize:
             return self._apply(self._forward_array, x, "1" if has_units else None)
         return self._apply(self._forward_array, x, None)
 
-    def inverse(self, y: Any) -> Any:
+    def inverse(self, y: Any, *, dry: bool = False) -> Any:
         """Transform ``y`` from the model space back to physical units (exact inverse of
         :meth:`forward` for ``x >= 0``; in log mode the output is clipped at 0).
 
         DataArrays get the training data's units back in ``attrs["units"]``.
+
+        Parameters
+        ----------
+        y
+            Values in the model space (numpy, dask or DataArray).
+        dry
+            (log mode) Set values below :attr:`wet_min` (the training data's smallest positive value)
+            to 0, as for generated fields; leave False to invert a transformed input exactly. No effect
+            for ``log=False`` or when ``wet_min`` is unknown.
 
         Raises
         ------
@@ -276,7 +304,7 @@ class LogNormalize:
             Called before :meth:`fit`.
         """
         self._require_fitted("inverse")
-        return self._apply(self._inverse_array, y, self.units)
+        return self._apply(self._inverse_dry if dry else self._inverse_array, y, self.units)
 
     def _check_units(self, x: Any) -> None:
         have = x.attrs.get("units")
@@ -310,6 +338,7 @@ class LogNormalize:
             "hi": self.hi,
             "data_min": self.data_min,
             "data_max": self.data_max,
+            "wet_min": self.wet_min,
         }
 
     @classmethod
@@ -330,7 +359,7 @@ class LogNormalize:
                 f"LogNormalize.from_dict got a description of transform {d.get('transform')!r}; "
                 "expected 'LogNormalize'."
             )
-        known = {"transform", "version", "eps", "log", "units", "lo", "hi", "data_min", "data_max"}
+        known = {"transform", "version", "eps", "log", "units", "lo", "hi", "data_min", "data_max", "wet_min"}
         unknown = set(d) - known
         if unknown:
             raise InputError(
@@ -352,6 +381,10 @@ class LogNormalize:
         t.units = None if d.get("units") is None else str(d["units"])
         t.data_min = None if d.get("data_min") is None else float(d["data_min"])
         t.data_max = None if d.get("data_max") is None else float(d["data_max"])
+        wet = d.get("wet_min")
+        if wet is not None and not (np.isfinite(float(wet)) and float(wet) > 0):
+            raise InputError(f"A LogNormalize description needs a positive 'wet_min' (or none); got {wet!r}.")
+        t.wet_min = None if wet is None else float(wet)
         return t
 
     def __eq__(self, other: object) -> bool:

@@ -116,7 +116,7 @@ class PerfectModelValidation:
     def score_samples(self, samples: np.ndarray) -> dict[str, float]:
         """The scores of :meth:`score` for the members ``samples`` (fields, members, y, x), given in the
         transformed space."""
-        phys = np.asarray(self.transform.inverse(samples), dtype=np.float64)
+        phys = np.asarray(self.transform.inverse(samples, dry=True), dtype=np.float64)
         truth = self.truth[:, None]
         valid = np.broadcast_to(self.valid[:, None], phys.shape)
         skill = np.abs(phys - truth).mean(axis=1)
