@@ -137,6 +137,121 @@ class _Trainer:
         self.running = torch.zeros((), device=device)
         self.n_running = 0
 
+    def loss(
+        self, x0: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, step: int
+    ) -> torch.Tensor:
+        """The training loss of the run's kind on the batch ``x0`` (cells where ``mask`` is False are
+        left out)."""
+        from ..core import consistency, sde
+
+        c, model = self.config, cast(Any, self.model)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+        common = {"step": step, "total_steps": c["steps"], "generator": generator, "mask": mask}
+        with autocast:
+            if c["loss"] == "ect":
+                return consistency.ect_loss(model, x0, **common)
+            if c["loss"] == "ict":
+                return consistency.ict_loss(model, x0, **common)
+            if c["loss"] == "ct":
+                teacher = cast(Any, self.teacher)
+                return consistency.ct_loss(model, teacher, x0, **common, distance=c["distance"])
+            return sde.dsm_loss(model, x0, generator=generator, mask=mask)
+
+    def validation_loss(self, x_val: torch.Tensor, m_val: torch.Tensor) -> float:
+        """The loss on the held-out fields at the last step, with noise fixed by the seed (comparable
+        between validations)."""
+        from ..core.rng import sample_key
+
+        gen = torch.Generator(device=self.device).manual_seed(sample_key(self.config["seed"], "validation"))
+        total, size = 0.0, self.config["batch_size"]
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, x_val.shape[0], size):
+                xb, mb = x_val[i : i + size], m_val[i : i + size]
+                total += float(self.loss(xb, mb, gen, self.step - 1)) * xb.shape[0]
+        self.model.train()
+        return total / x_val.shape[0]
+
+    def run(
+        self,
+        x_train: torch.Tensor,
+        m_train: torch.Tensor,
+        out: Path,
+        *,
+        validate: Callable[[dict[str, Any]], None],
+        log_every: int,
+        val_every: int,
+        progress: bool,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        """Optimise from the current step to the last: log, ``validate`` (which fills the step's record),
+        estimate the time left after 20 steps, and checkpoint into ``out``."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        steps, every = c["steps"], c["checkpoint_every"]
+        bar = tqdm(
+            total=steps,
+            initial=self.step,
+            disable=not progress,
+            desc=f"train {c['kind']} {c['variable']}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        clock = (time.perf_counter(), self.step)
+        try:
+            while self.step < steps:
+                k = self.step
+                idx = torch.randint(x_train.shape[0], (c["batch_size"],), generator=self.batch_gen)
+                idx = idx.to(self.device)
+                value = self.loss(x_train[idx], m_train[idx], self.noise_gen, k)
+                if not torch.isfinite(value):
+                    raise FloatingPointError(
+                        f"The training loss became {float(value)} at step {k}; lower lr (now {c['lr']}) "
+                        "or check the data."
+                    )
+                self.opt.zero_grad(set_to_none=True)
+                for group in self.opt.param_groups:
+                    group["lr"] = learning_rate(k, steps, c["lr"], c["lr_schedule"])
+                value.backward()
+                if c["grad_clip"] is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
+                self.opt.step()
+                self.update_averages()
+                self.step = k + 1
+                self.running += value.detach().float()
+                self.n_running += 1
+                record: dict[str, Any] = {}
+                if self.step % log_every == 0 or self.step == steps:
+                    record["loss"] = float(self.running) / self.n_running
+                    self.running.zero_()
+                    self.n_running = 0
+                if self.step % val_every == 0 or self.step == steps:
+                    validate(record)
+                if self.step == clock[1] + 20 and self.step < steps:
+                    per_step = (time.perf_counter() - clock[0]) / 20
+                    self.history.append({"step": self.step, "seconds_per_step": per_step})
+                    if progress:
+                        bar.write(
+                            f"train {c['kind']}: {per_step:.2f} s per step on {self.device}; about "
+                            f"{_duration((steps - self.step) * per_step)} for the remaining "
+                            f"{steps - self.step} steps (checkpoints every {every} steps; resume=True "
+                            "continues an interrupted run)."
+                        )
+                if record:
+                    self.history.append({"step": self.step, **record})
+                    bar.set_postfix({key: f"{v:.4g}" for key, v in record.items()})
+                if (every and self.step % every == 0) or self.step == steps:
+                    self.save(out)
+                bar.update(1)
+                if callback is not None:
+                    callback({"step": self.step, "loss": float(value.detach())})
+        finally:
+            bar.close()
+
     def networks(self) -> dict[str, torch.nn.Module]:
         nets = {"model": self.model, "ema": self.ema}
         if self.teacher is not None:
@@ -352,34 +467,10 @@ def train(
     UnitError
         The units are missing or unknown (pass ``units=``).
     """
-    from ..core.rng import sample_key
-
     started = time.time()
-    if kind not in KINDS:
-        raise InputError(f"Unknown model kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}.")
-    loss = loss or LOSSES[kind][0]
-    if loss not in LOSSES[kind]:
-        raise InputError(
-            f"loss={loss!r} does not train kind {kind!r}; use one of {', '.join(map(repr, LOSSES[kind]))}."
-        )
-    if lr_schedule not in LR_SCHEDULES:
-        raise InputError(
-            f"lr_schedule={lr_schedule!r}: expected one of {', '.join(map(repr, LR_SCHEDULES))}."
-        )
-    for label, number, low in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("log_every", log_every, 1),
-        ("keep_checkpoints", keep_checkpoints, 1),
-        ("nquantiles", nquantiles, 1),
-    ):
-        if not isinstance(number, (int, np.integer)) or isinstance(number, bool) or number < low:
-            raise InputError(f"{label} must be an integer >= {low}; got {number!r}.")
-    channels = tuple(int(c) for c in channels)
-    if not channels or min(channels) < 1:
-        raise InputError(f"channels must be positive integers, e.g. (16, 32, 32); got {channels!r}.")
-    if data is None:
-        raise InputError("No training data given: pass data= (a DataArray or netCDF / zarr paths).")
+    loss = _checked_arguments(
+        kind, data, loss, lr_schedule, channels, steps, batch_size, log_every, keep_checkpoints, nquantiles
+    )
     out = Path(out)
     dev = (
         torch.device(device)
@@ -389,23 +480,19 @@ def train(
 
     # ---- data, normalisation, target spectra, reference quantiles (training period only), per variable
     ts = _training_set(data, variable, units, val_time, val_fraction, eps, nquantiles, kind, loss)
-    fields, grid, variable, mask = ts.fields, ts.grid, ts.variable, ts.mask
-    joint, da, train_da, val_da = len(fields) > 1, fields[0], ts.train[0], ts.val[0] if ts.val else None
-    train_phys, val_phys, transforms, (ny, nx) = ts.train_phys, ts.val_phys, ts.transforms, grid.shape(da)
-    nchan = len(fields)
+    joint = len(ts.fields) > 1
     arch = {
-        "in_channels": nchan,
-        "out_channels": nchan,
-        "channels": list(channels),
+        "in_channels": len(ts.fields),
+        "out_channels": len(ts.fields),
+        "channels": [int(c) for c in channels],
         **dict(net or {}),
-        "periodic": bool(grid.periodic),
+        "periodic": bool(ts.grid.periodic),
+        **({"noise_channels": len(ts.fields)} if joint else {}),
     }
-    if joint:
-        arch["noise_channels"] = nchan
     config: dict[str, Any] = {
         "kind": kind,
-        "variable": variable,
-        "units": da.attrs.get("units") if not joint else [f.attrs.get("units") for f in fields],
+        "variable": ts.variable,
+        "units": [f.attrs.get("units") for f in ts.fields] if joint else ts.fields[0].attrs.get("units"),
         "steps": int(steps),
         "batch_size": int(batch_size),
         "architecture": arch,
@@ -418,27 +505,129 @@ def train(
         "grad_clip": None if grad_clip is None else float(grad_clip),
         "val_time": None if val_time is None else str(val_time),
         "val_fraction": float(val_fraction),
-        "n_train": int(train_phys.shape[0]),
-        "n_val": 0 if val_phys is None else int(val_phys.shape[0]),
-        "grid_shape": [ny, nx],
+        "n_train": int(ts.train_phys.shape[0]),
+        "n_val": 0 if ts.val_phys is None else int(ts.val_phys.shape[0]),
+        "grid_shape": list(ts.grid.shape(ts.fields[0])),
         "eps": float(eps),
         "data_sha256": ts.digest,
         "checkpoint_every": checkpoint_every,
         "keep_checkpoints": int(keep_checkpoints),
     }
 
-    # ---- run state
-    from ..core import consistency, sde
-
-    if kind == "cm":
-        sigma = {"min": consistency.SIGMA_MIN, "max": consistency.SIGMA_MAX, "data": consistency.SIGMA_DATA}
-    else:
-        sigma = {"min": sde.SDE_SIGMA_MIN, "max": sde.SDE_SIGMA_MAX, "data": consistency.SIGMA_DATA}
+    # ---- run state: a new run, or the last checkpoint of the same one
+    sigma = _sigma(kind)
     trainer = _Trainer(config, sigma, dev)  # bad `net` arguments fail here, before anything is written
     from ..nets.unet import UNet
 
-    arch = jsonable(next(m for m in trainer.model.modules() if isinstance(m, UNet)).config)
-    config["architecture"] = arch
+    config["architecture"] = jsonable(next(m for m in trainer.model.modules() if isinstance(m, UNet)).config)
+    _start_or_resume(trainer, out, config, resume)
+
+    # ---- tensors on the device (masked / missing cells: 0 and excluded from the loss)
+    x_train, m_train = _device_tensors(ts.train_phys, ts, dev)
+    val = _device_tensors(ts.val_phys, ts, dev, limit=val_samples) if ts.val_phys is not None else None
+    perfect_model = _perfect_model(ts, seed) if kind == "cm" else None
+    best_path = out / "best-ema.safetensors"
+
+    def _validate(record: dict[str, Any]) -> None:
+        """The loss on held-out fields, and the perfect-model scores of the EMA weights (the ones
+        shipped): the best by CRPS is kept."""
+        if val is not None:
+            record["val_loss"] = trainer.validation_loss(*val)
+        if perfect_model is None:
+            return
+        scores = perfect_model.score(trainer.ema)
+        record.update({f"val_{key}": value for key, value in scores.items() if key != "bilinear_mae"})
+        best = min((h["val_crps"] for h in trainer.history if "val_crps" in h), default=float("inf"))
+        if scores["crps"] < best or not best_path.exists():
+            write_safetensors(best_path, trainer.ema.state_dict())
+            record["best"] = True
+
+    trainer.run(
+        x_train,
+        m_train,
+        out,
+        validate=_validate,
+        log_every=log_every,
+        val_every=val_every or checkpoint_every or max(1, steps // 10),
+        progress=progress,
+        callback=callback,
+    )
+    (out / "history.json").write_text(json.dumps(jsonable(trainer.history), indent=1), encoding="utf-8")
+
+    # ---- the model: the EMA weights with the best perfect-model CRPS (else the last ones) + card
+    validation: dict[str, Any] | None = None
+    if perfect_model is not None and best_path.exists():
+        tensors, _ = read_safetensors(best_path)
+        trainer.ema.load_state_dict(tensors, strict=True)
+        validation = _validation_summary(perfect_model, trainer.history, ts)
+    card = _card(
+        ts,
+        config,
+        trainer.history,
+        sigma=sigma,
+        validation=validation,
+        name=name,
+        version=version,
+        licence=licence,
+        description=description,
+        device=dev,
+        seconds=time.time() - started,
+    )
+    ref_values = [r.transpose("quantiles", ts.grid.ydim, ts.grid.xdim).values for r in ts.refs]
+    return save_model(
+        out,
+        trainer.ema.eval(),
+        card,
+        mask=ts.mask,
+        reference_quantiles=ref_values[0],
+        dtype=dtype,
+        variable_quantiles=dict(zip(ts.names, ref_values, strict=True)) if joint else None,
+    )
+
+
+def _checked_arguments(
+    kind: str,
+    data: Any,
+    loss: str | None,
+    lr_schedule: str,
+    channels: Sequence[int],
+    *integers: int,
+) -> str:
+    """The loss to train with, after checking the arguments that need no data."""
+    if kind not in KINDS:
+        raise InputError(f"Unknown model kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}.")
+    loss = loss or LOSSES[kind][0]
+    if loss not in LOSSES[kind]:
+        raise InputError(
+            f"loss={loss!r} does not train kind {kind!r}; use one of {', '.join(map(repr, LOSSES[kind]))}."
+        )
+    if lr_schedule not in LR_SCHEDULES:
+        raise InputError(
+            f"lr_schedule={lr_schedule!r}: expected one of {', '.join(map(repr, LR_SCHEDULES))}."
+        )
+    labels = ("steps", "batch_size", "log_every", "keep_checkpoints", "nquantiles")
+    for label, number in zip(labels, integers, strict=True):
+        if not isinstance(number, (int, np.integer)) or isinstance(number, bool) or number < 1:
+            raise InputError(f"{label} must be an integer >= 1; got {number!r}.")
+    if not channels or min(int(c) for c in channels) < 1:
+        raise InputError(f"channels must be positive integers, e.g. (16, 32, 32); got {tuple(channels)!r}.")
+    if data is None:
+        raise InputError("No training data given: pass data= (a DataArray or netCDF / zarr paths).")
+    return loss
+
+
+def _sigma(kind: str) -> dict[str, float]:
+    """The noise range of a model kind, stored in its card."""
+    from ..core import consistency, sde
+
+    if kind == "cm":
+        return {"min": consistency.SIGMA_MIN, "max": consistency.SIGMA_MAX, "data": consistency.SIGMA_DATA}
+    return {"min": sde.SDE_SIGMA_MIN, "max": sde.SDE_SIGMA_MAX, "data": consistency.SIGMA_DATA}
+
+
+def _start_or_resume(trainer: _Trainer, out: Path, config: dict[str, Any], resume: bool) -> None:
+    """Load the last checkpoint of the run in ``out`` (``resume``, same configuration), or start one;
+    writes ``out/config.json``."""
     latest = latest_checkpoint(out)
     if latest is not None:
         old = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"]
@@ -469,192 +658,101 @@ def train(
         json.dumps(jsonable(config), indent=1, allow_nan=False), encoding="utf-8"
     )
 
-    # ---- tensors on the device (masked / missing cells: 0 and excluded from the loss)
-    def _to_device(phys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        y = np.stack(
-            [np.asarray(tr.forward(phys[:, c]), dtype=np.float32) for c, tr in enumerate(transforms)], axis=1
-        )
-        valid = np.isfinite(y) & mask
-        y = np.where(valid, y, 0.0).astype(np.float32)
-        return torch.from_numpy(y).to(dev), torch.from_numpy(valid).to(dev)
 
-    x_train, m_train = _to_device(train_phys)
-    val = _to_device(val_phys) if val_phys is not None else None
-    if val is not None and val[0].shape[0] > val_samples:  # an evenly spaced subset of the period
-        keep = torch.from_numpy(np.linspace(0, val[0].shape[0] - 1, val_samples).round().astype(np.int64)).to(
-            dev
-        )
-        val = (val[0][keep], val[1][keep])
-
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
-    perfect_model: Any = None
-    if kind == "cm" and ts.val is not None and val_phys is not None:
-        from .validation import JointPerfectModelValidation, PerfectModelValidation
-
-        parts = [
-            PerfectModelValidation(
-                v.copy(data=val_phys[:, c]),
-                transforms[c],
-                ts.targets[c],
-                mask,
-                seed=sample_key(seed, "perfect-model") % 2**31,
-            )
-            for c, v in enumerate(ts.val)
-        ]
-        perfect_model = parts[0] if not joint else JointPerfectModelValidation(parts, ts.names)
-    best_path = out / "best-ema.safetensors"
-
-    def _loss(model: Any, x0: torch.Tensor, m: torch.Tensor, gen: torch.Generator, step: int) -> torch.Tensor:
-        with autocast():
-            if loss == "ect":
-                return consistency.ect_loss(model, x0, step=step, total_steps=steps, generator=gen, mask=m)
-            if loss == "ict":
-                return consistency.ict_loss(model, x0, step=step, total_steps=steps, generator=gen, mask=m)
-            if loss == "ct":
-                return consistency.ct_loss(
-                    model,
-                    cast(Any, trainer.teacher),
-                    x0,
-                    step=step,
-                    total_steps=steps,
-                    generator=gen,
-                    mask=m,
-                    distance=distance,
-                )
-            return sde.dsm_loss(model, x0, generator=gen, mask=m)
-
-    def _validate(step: int) -> float | None:
-        if val is None:
-            return None
-        x_val, m_val = val
-        gen = torch.Generator(device=dev).manual_seed(sample_key(seed, "validation"))
-        total, count = 0.0, 0
-        trainer.model.eval()
-        with torch.no_grad():
-            for i in range(0, x_val.shape[0], batch_size):
-                xb, mb = x_val[i : i + batch_size], m_val[i : i + batch_size]
-                total += float(_loss(trainer.model, xb, mb, gen, step)) * xb.shape[0]
-                count += xb.shape[0]
-        trainer.model.train()
-        return total / count
-
-    def _validate_downscaling(record: dict[str, Any]) -> None:
-        """Perfect-model scores of the EMA weights (the ones shipped); keep the best by CRPS."""
-        if perfect_model is None:
-            return
-        scores = perfect_model.score(trainer.ema)
-        record.update({f"val_{key}": value for key, value in scores.items() if key != "bilinear_mae"})
-        best = min((h["val_crps"] for h in trainer.history if "val_crps" in h), default=float("inf"))
-        if scores["crps"] < best or not best_path.exists():
-            write_safetensors(best_path, trainer.ema.state_dict())
-            record["best"] = True
-
-    val_every = val_every or checkpoint_every or max(1, steps // 10)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=steps,
-        initial=trainer.step,
-        disable=not progress,
-        desc=f"train {kind} {variable}",
-        unit="step",
-        dynamic_ncols=True,
+def _device_tensors(
+    phys: np.ndarray, ts: _TrainingSet, device: torch.device, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fields (time, variable, y, x) in the model space on ``device`` (invalid cells 0) and their validity
+    mask; with ``limit``, at most that many fields, evenly spaced over the period."""
+    y = np.stack(
+        [np.asarray(tr.forward(phys[:, c]), dtype=np.float32) for c, tr in enumerate(ts.transforms)], axis=1
     )
-    trainer.model.train()
-    clock = (time.perf_counter(), trainer.step)
-    try:
-        while trainer.step < steps:
-            k = trainer.step
-            idx = torch.randint(x_train.shape[0], (batch_size,), generator=trainer.batch_gen).to(dev)
-            value = _loss(trainer.model, x_train[idx], m_train[idx], trainer.noise_gen, k)
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"The training loss became {float(value)} at step {k}; lower lr (now {lr}) "
-                    "or check the data."
-                )
-            trainer.opt.zero_grad(set_to_none=True)
-            for group in trainer.opt.param_groups:
-                group["lr"] = learning_rate(k, steps, lr, lr_schedule)
-            value.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
-            trainer.opt.step()
-            trainer.update_averages()
-            trainer.step = k + 1
-            trainer.running += value.detach().float()
-            trainer.n_running += 1
-            record: dict[str, Any] = {}
-            if trainer.step % log_every == 0 or trainer.step == steps:
-                record["loss"] = float(trainer.running) / trainer.n_running
-                trainer.running.zero_()
-                trainer.n_running = 0
-            if trainer.step % val_every == 0 or trainer.step == steps:
-                val_loss = _validate(k)
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-                _validate_downscaling(record)
-            if trainer.step == clock[1] + 20 and trainer.step < steps:
-                per_step = (time.perf_counter() - clock[0]) / 20
-                remaining = (steps - trainer.step) * per_step
-                message = (
-                    f"train {kind}: {per_step:.2f} s per step on {dev}; about {_duration(remaining)} for "
-                    f"the remaining {steps - trainer.step} steps (checkpoints every {checkpoint_every} "
-                    "steps; resume=True continues an interrupted run)."
-                )
-                trainer.history.append({"step": trainer.step, "seconds_per_step": per_step})
-                if progress:
-                    bar.write(message)
-            if record:
-                trainer.history.append({"step": trainer.step, **record})
-                bar.set_postfix({key: f"{v:.4g}" for key, v in record.items()})
-            if (checkpoint_every and trainer.step % checkpoint_every == 0) or trainer.step == steps:
-                trainer.save(out)
-            bar.update(1)
-            if callback is not None:
-                callback({"step": trainer.step, "loss": float(value.detach())})
-    finally:
-        bar.close()
-    (out / "history.json").write_text(json.dumps(jsonable(trainer.history), indent=1), encoding="utf-8")
+    if limit is not None and y.shape[0] > limit:
+        y = y[np.linspace(0, y.shape[0] - 1, limit).round().astype(np.int64)]
+    valid = np.isfinite(y) & ts.mask
+    y = np.where(valid, y, 0.0).astype(np.float32)
+    return torch.from_numpy(y).to(device), torch.from_numpy(valid).to(device)
 
-    # ---- the model: the EMA weights with the best perfect-model CRPS (else the last ones) + card
-    validation: dict[str, Any] | None = None
-    if perfect_model is not None and best_path.exists():
-        tensors, _ = read_safetensors(best_path)
-        trainer.ema.load_state_dict(tensors, strict=True)
-        scored = [h for h in trainer.history if "val_crps" in h]
-        chosen = min(scored, key=lambda h: h["val_crps"])
-        validation = {
-            "metric": perfect_model.metric + ("" if joint else f" in {da.attrs.get('units')}"),
-            "step": int(chosen["step"]),
-            "crps": chosen["val_crps"],
-            "bilinear_mae": perfect_model.bilinear_mae,
-            "mae_ensemble_mean": chosen["val_mae_mean"],
-            "spread_skill": chosen["val_spread_skill"],
-            "mean_ratio": chosen["val_mean_ratio"],
-            "beats_bilinear": bool(chosen["val_crps"] < perfect_model.bilinear_mae),
-            # step, CRPS, spread/skill, mean ratio of every validation
-            "curve": [
-                [int(h["step"]), h["val_crps"], h["val_spread_skill"], h["val_mean_ratio"]] for h in scored
-            ],
-        }
-        if joint:
-            validation["per_variable"] = perfect_model.per_variable(chosen)
-    losses = [h["loss"] for h in trainer.history if "loss" in h]
-    vals = [h["val_loss"] for h in trainer.history if "val_loss" in h]
-    times = train_da[train_da.dims[0]].values
-    val_times = val_da[val_da.dims[0]].values if val_da is not None else None
+
+def _perfect_model(ts: _TrainingSet, seed: int) -> Any:
+    """The perfect-model validation of a consistency model on the held-out fields (None without them)."""
+    if ts.val is None or ts.val_phys is None:
+        return None
+    from ..core.rng import sample_key
+    from .validation import JointPerfectModelValidation, PerfectModelValidation
+
+    parts = [
+        PerfectModelValidation(
+            v.copy(data=ts.val_phys[:, c]),
+            ts.transforms[c],
+            ts.targets[c],
+            ts.mask,
+            seed=sample_key(seed, "perfect-model") % 2**31,
+        )
+        for c, v in enumerate(ts.val)
+    ]
+    return parts[0] if len(parts) == 1 else JointPerfectModelValidation(parts, ts.names)
+
+
+def _validation_summary(
+    perfect_model: Any, history: list[dict[str, Any]], ts: _TrainingSet
+) -> dict[str, Any]:
+    """The card's record of the perfect-model validation: the chosen (best) step and the curve."""
+    scored = [h for h in history if "val_crps" in h]
+    chosen = min(scored, key=lambda h: h["val_crps"])
+    joint = len(ts.fields) > 1
+    validation = {
+        "metric": perfect_model.metric + ("" if joint else f" in {ts.fields[0].attrs.get('units')}"),
+        "step": int(chosen["step"]),
+        "crps": chosen["val_crps"],
+        "bilinear_mae": perfect_model.bilinear_mae,
+        "mae_ensemble_mean": chosen["val_mae_mean"],
+        "spread_skill": chosen["val_spread_skill"],
+        "mean_ratio": chosen["val_mean_ratio"],
+        "beats_bilinear": bool(chosen["val_crps"] < perfect_model.bilinear_mae),
+        # step, CRPS, spread/skill, mean ratio of every validation
+        "curve": [
+            [int(h["step"]), h["val_crps"], h["val_spread_skill"], h["val_mean_ratio"]] for h in scored
+        ],
+    }
+    if joint:
+        validation["per_variable"] = perfect_model.per_variable(chosen)
+    return validation
+
+
+def _card(
+    ts: _TrainingSet,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    *,
+    sigma: dict[str, float],
+    validation: dict[str, Any] | None,
+    name: str | None,
+    version: str,
+    licence: str | None,
+    description: str | None,
+    device: torch.device,
+    seconds: float,
+) -> dict[str, Any]:
+    """The model card of a finished run (without the sha256, which :func:`save_model` adds)."""
     from .._version import __version__
 
+    losses = [h["loss"] for h in history if "loss" in h]
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    train_da, val_da = ts.train[0], ts.val[0] if ts.val else None
+    times = train_da[train_da.dims[0]].values
+    val_times = val_da[val_da.dims[0]].values if val_da is not None else None
+    ny, nx = config["grid_shape"]
     variable_entries, psd_entries, quantile_entries = _variable_sections(ts)
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
-        "name": name or f"{kind}-{variable}-{ny}x{nx}",
+        "name": name or f"{config['kind']}-{ts.variable}-{ny}x{nx}",
         "version": str(version),
-        "kind": kind,
-        "architecture": {"class": "UNet", "config": arch},
+        "kind": config["kind"],
+        "architecture": {"class": "UNet", "config": config["architecture"]},
         "variable": variable_entries[0],
         "frequency": frequency(times),
-        "grid": grid_card(da, grid),
+        "grid": grid_card(ts.fields[0], ts.grid),
         "sigma": sigma,
         "training": {
             "data": description or ts.source,
@@ -670,22 +768,19 @@ def train(
                 or ts.raw.attrs.get("licence")
                 or "unknown: see the terms of use of the training data"
             ),
-            "steps": int(steps),
-            "batch_size": int(batch_size),
+            **{key: config[key] for key in ("steps", "batch_size")},
             "optimizer": "RAdam",
-            "lr": float(lr),
-            "lr_schedule": lr_schedule,
-            "loss": loss,
-            "distance": config["distance"],
-            "ema_decay": float(ema_decay),
-            "grad_clip": config["grad_clip"],
-            "seed": int(seed),
+            **{
+                key: config[key]
+                for key in ("lr", "lr_schedule", "loss", "distance", "ema_decay", "grad_clip")
+            },
+            "seed": config["seed"],
             "final_loss": losses[-1] if losses else None,
             "final_val_loss": vals[-1] if vals else None,
             "validation": validation,
-            "device": str(dev),
-            "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
-            "wall_time_s": round(time.time() - started, 1),
+            "device": str(device),
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "wall_time_s": round(seconds, 1),
             "data_sha256": config["data_sha256"],
             "xdownscale_version": __version__,
             "torch_version": torch.__version__,
@@ -694,22 +789,12 @@ def train(
         "reference_quantiles": quantile_entries[0],
         "metrics": {},
     }
-    if joint:
+    if len(ts.fields) > 1:
         card["variables"] = [
             {**v, "target_psd": p, "reference_quantiles": q}
             for v, p, q in zip(variable_entries, psd_entries, quantile_entries, strict=True)
         ]
-    ydim, xdim = grid.ydim, grid.xdim
-    ref_values = [r.transpose("quantiles", ydim, xdim).values for r in ts.refs]
-    return save_model(
-        out,
-        trainer.ema.eval(),
-        card,
-        mask=mask,
-        reference_quantiles=ref_values[0],
-        dtype=dtype,
-        variable_quantiles=dict(zip(ts.names, ref_values, strict=True)) if joint else None,
-    )
+    return card
 
 
 @dataclass
