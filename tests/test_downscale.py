@@ -468,5 +468,14 @@ def test_generated_amounts_below_the_training_datas_smallest_positive_value_are_
     wet, dry = p >= 0.5, p < 0.5 * (1 - 1e-4)
     np.testing.assert_allclose(d[wet], p[wet], rtol=1e-5)
     assert (d[dry] < 1e-9).all()
+    # with preserve (the default) the drizzle moves onto the wet cells: the coarse means do not change
+    kwargs["preserve"] = True
+    kept = x.downscale.cm(model=model, **kwargs).values * 86400.0
+    model.transform.wet_min = None
+    plain = x.downscale.cm(model=model, **kwargs).values * 86400.0
+    assert ((kept > 1e-9) & (kept < 0.5 * (1 - 1e-4))).sum() < ((plain > 0) & (plain < 0.5)).sum() / 3
+    factor = 4  # the coarse field is the fine one averaged over 4 x 4 blocks
+    blocks = [np.nanmean(a.reshape(*a.shape[:2], 4, factor, 6, factor), axis=(3, 5)) for a in (kept, plain)]
+    np.testing.assert_allclose(blocks[0], blocks[1], rtol=1e-4, atol=1e-6)
     # training stores it: the smallest positive amount of the training days (a subset of fine_data)
     assert cm_model.transform.wet_min >= float(fine_data.where(fine_data > 0).min()) > 0

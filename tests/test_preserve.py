@@ -168,3 +168,36 @@ def test_a_field_missing_in_the_input_does_not_mask_the_others(fields: tuple) ->
     fixed = preserve_large_scales(out, ref, rule="mean", coarse=_coarse_grid())
     assert np.isnan(fixed.values[1]).all()
     np.testing.assert_array_equal(np.isnan(fixed.values[0]), np.isnan(out.values[0]))
+
+
+def test_with_wet_min_the_rain_lies_in_recorded_amounts_and_the_means_stay_exact() -> None:
+    """Two coarse cells of four fine cells: one with wet values and drizzle, one with drizzle only."""
+    cell = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    y = np.array([[2.0, 0.05, 0.02, 0.0, 0.031, 0.03, 0.029, 0.028]])
+    p = np.array([[1.0, 1.0, 1.0, 1.0, 0.06, 0.06, 0.06, 0.06]])  # cell 1 holds 0.24: two whole 0.1
+    got = preserve_means(y, p, cell, wet_min=0.1)[0]
+    # cell 0: the drizzle is gone and its mass is on the wet value; cell 1 (all below 0.1 after the
+    # correction): its two largest values carry it
+    np.testing.assert_allclose(got[:4], [4.0, 0.0, 0.0, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(got[4:], [0.24 * 31 / 61, 0.24 * 30 / 61, 0.0, 0.0], rtol=1e-12)
+    np.testing.assert_allclose([got[:4].mean(), got[4:].mean()], [1.0, 0.06], rtol=1e-12)
+    # a cell whose total is below one recorded amount puts it on its largest value
+    tiny = preserve_means(y, p * 0.1, cell, wet_min=0.1)[0]
+    np.testing.assert_allclose(tiny[4:], [0.024, 0.0, 0.0, 0.0], rtol=1e-12)
+    # without wet_min: the plain multiplicative correction
+    plain = preserve_means(y, p, cell)[0]
+    assert (plain[4:7] > 0).all() and plain[4:].mean() == pytest.approx(0.06)
+
+
+def test_wet_min_keeps_the_means_on_real_looking_fields(fields: tuple) -> None:
+    out, ref = fields
+    coarse = _coarse_grid()
+    wet_min = 0.5
+    fixed = preserve_large_scales(out, ref, rule="mean", coarse=coarse, wet_min=wet_min)
+    want = _coarse_means(ref, coarse)
+    np.testing.assert_allclose(_coarse_means(fixed, coarse), want, atol=1e-6 * want.max())
+    np.testing.assert_array_equal(np.isnan(fixed.values), np.isnan(out.values))
+    plain = preserve_large_scales(out, ref, rule="mean", coarse=coarse)
+    drizzle = lambda a: int(((a > 0) & (a < wet_min * (1 - 1e-5))).sum())  # noqa: E731
+    assert drizzle(fixed) < drizzle(plain) / 3  # most drizzle went (what is left: cells under 0.5 in all)
+    assert float(fixed.min()) >= 0.0 and float(fixed[2].max()) == 0.0

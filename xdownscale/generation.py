@@ -162,7 +162,8 @@ def preserve_scales(
         with warnings.catch_warnings():  # any coverage warning was given by prepare already
             warnings.simplefilter("ignore")
             coarse = cut_to_domain(da, find_grid(da), model.grid, partial=True)
-        return preserve_large_scales(out, reference, rule="mean", coarse=coarse)
+        wet_min = getattr(model.transform, "wet_min", None)
+        return preserve_large_scales(out, reference, rule="mean", coarse=coarse, wet_min=wet_min)
     wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
     if wavenumber is None:  # the input is at least as fine as the model grid
         return out

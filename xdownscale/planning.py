@@ -167,7 +167,8 @@ class Plan:
         this plan): the inverse transform, the mask, the large scales kept, the range check, the caller's
         units, the member dimension and the attributes."""
         model = self.model
-        out = model.transform.inverse(values, dry=True)
+        # generated drizzle is dry; with preserve="mean" it moves onto the wet cells of its coarse cell
+        out = model.transform.inverse(values, dry=self.preserve != "mean")
         out = out.where(model_mask(model))
         if self.preserve is not None:
             out = preserve_scales(out, prepared, da, model, self.preserve)

@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from .core.transforms import check_eps, log_forward, log_inverse, minmax_forward, minmax_inverse
+from .core.transforms import (
+    WET_TOLERANCE,
+    check_eps,
+    log_forward,
+    log_inverse,
+    minmax_forward,
+    minmax_inverse,
+)
 from .errors import InputError, UnitError, XDownscaleWarning
 
 __all__ = ["LogNormalize"]
@@ -235,8 +242,7 @@ class LogNormalize:
         xt = minmax_inverse(y, lo, hi)
         x = log_inverse(xt, self.eps) if self.log else xt
         if dry and self.log and self.wet_min is not None:
-            # wet_min itself survives the float32 round trip (a relative tolerance of 1e-5)
-            x = np.where(x < self.wet_min * (1.0 - 1e-5), 0.0, x)
+            x = np.where(x < self.wet_min * (1.0 - WET_TOLERANCE), 0.0, x)
         return x.astype(dtype, copy=False)
 
     def _inverse_dry(self, y: np.ndarray) -> np.ndarray:

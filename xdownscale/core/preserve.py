@@ -15,7 +15,10 @@ multiplicative, so signs and dry cells are kept and a dry coarse cell comes back
 its remaining ratio, which meets the constraints to round-off (the cells partition the fine grid, so the
 passes of different cells do not interact). Where the output is dry over a whole coarse cell that the
 input says is wet, the input's own values are used there (a multiplicative correction cannot create rain
-from nothing).
+from nothing). With ``wet_min`` (the smallest amount the training data record), values below it are
+drizzle: in a coarse cell that also has values at or above it they are set to 0 and the cell's wet
+values scaled up to keep its mean; in a coarse cell with no value that high, its rain goes to its largest
+values, as many as its total holds whole ``wet_min`` amounts (at least one), the others become 0.
 
 Numerics only (numpy); :mod:`xdownscale.xr.preserve` finds ``cell`` and ``S`` from the grids.
 """
@@ -37,6 +40,7 @@ def preserve_means(
     smooth: np.ndarray | None = None,
     *,
     passes: int = 2,
+    wet_min: float | None = None,
 ) -> np.ndarray:
     """Scale non-negative fields ``y`` so that their coarse-cell means equal those of ``p``.
 
@@ -54,6 +58,10 @@ def preserve_means(
         the smooth passes. Without it only the exact (piecewise constant) pass is made.
     passes
         Number of smooth passes before the exact one.
+    wet_min
+        Optional dry threshold, the smallest amount the training data record: the rain of each coarse
+        cell is put in values of at least ``wet_min`` where its total allows (see above), the means kept
+        (None: no threshold).
 
     Returns
     -------
@@ -93,12 +101,16 @@ def preserve_means(
         members[index, np.flatnonzero(valid)] = 1.0
         mean = members / members.sum(axis=1, keepdims=True)  # (M, N): means over the valid fine cells
         spread = members.T  # (N, M): a coarse value to its fine cells
+        owner = np.full(n, -1)
+        owner[valid] = index
         sg = None if s is None else s[:, cells]
         for start in range(0, fields.size, _BATCH):
             part = fields[start : start + _BATCH]
             yv = np.where(common, out[part], 0.0)
             pv = np.where(common, p2[part], 0.0)
             fixed = _correct(yv, pv, mean, spread, sg, valid, passes)
+            if wet_min is not None:
+                fixed = _without_drizzle(fixed, pv @ mean.T, valid, owner, wet_min)
             out[part] = np.where(common, fixed, np.nan)
     return out.reshape(shape)
 
@@ -133,3 +145,46 @@ def _correct(
             smooth = np.divide(ratios(y) @ s.T, weight, out=np.ones_like(weight), where=weight > 0)
             y = np.where(valid, y * smooth, y)
     return np.where(valid, y * (ratios(y) @ spread.T), y)
+
+
+def _without_drizzle(
+    y: np.ndarray, target: np.ndarray, valid: np.ndarray, owner: np.ndarray, wet_min: float
+) -> np.ndarray:
+    """``y`` (F, N) that meets the coarse means ``target`` (F, M) with its rain in recorded amounts: in a
+    coarse cell with values of at least ``wet_min`` the smaller ones become 0; in a cell without any,
+    the rain goes to its largest values, as many as the cell's total holds whole ``wet_min`` amounts (at
+    least one); the kept values are scaled to keep the means. ``owner`` (N,) is each valid fine cell's
+    coarse cell (column of ``target``)."""
+    from .transforms import WET_TOLERANCE
+
+    fields, cells = target.shape
+    where = np.flatnonzero(valid)
+    own = owner[where]
+    yv = y[:, where]
+    counts = np.bincount(own, minlength=cells).astype(np.float64)
+    slot = (np.arange(fields)[:, None] * cells + own[None, :]).ravel()  # (field, coarse cell) of each value
+
+    def per_cell(values: np.ndarray) -> np.ndarray:
+        return np.bincount(slot, weights=values.ravel(), minlength=fields * cells).reshape(fields, cells)
+
+    wet = yv >= wet_min * (1.0 - WET_TOLERANCE)
+    has_wet = per_cell(wet.astype(np.float64)) > 0
+    keep = wet
+    drizzle_only = ~has_wet & (target > 0)
+    if drizzle_only.any():
+        whole = np.floor(target * counts / wet_min + WET_TOLERANCE)
+        carriers = np.clip(whole, 1.0, counts)
+        # rank of each value within its coarse cell, largest first: one sort of (cell, -value) keys per
+        # field; the cells' blocks sit at the same places in every sorted row
+        top = np.maximum(yv.max(axis=1, keepdims=True), 1e-300)
+        order = np.argsort(own[None, :] + 0.5 * (1.0 - yv / top), axis=1, kind="stable")
+        starts = np.concatenate([[0.0], np.cumsum(counts)[:-1]])
+        rank = np.empty_like(yv)
+        np.put_along_axis(rank, order, (np.arange(own.size) - starts[np.sort(own)])[None, :], axis=1)
+        keep = np.where(has_wet[:, own], wet, rank < carriers[:, own])
+    yv = np.where(keep, yv, 0.0)
+    have = per_cell(yv) / counts
+    ratio = np.divide(target, have, out=np.ones_like(target), where=have > 0)
+    out = y.copy()
+    out[:, where] = yv * ratio[:, own]
+    return out

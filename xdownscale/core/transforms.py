@@ -18,12 +18,18 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "WET_TOLERANCE",
     "check_eps",
     "log_forward",
     "log_inverse",
     "minmax_forward",
     "minmax_inverse",
 ]
+
+
+#: relative tolerance below a dry threshold ``wet_min`` under which a value counts as dry, so that
+#: ``wet_min`` itself survives a float32 round trip through the transform
+WET_TOLERANCE = 1e-5
 
 
 def check_eps(eps: float) -> float:

@@ -101,6 +101,7 @@ def preserve_large_scales(
     rule: str,
     coarse: xr.DataArray | None = None,
     wavenumber: float | None = None,
+    wet_min: float | None = None,
 ) -> xr.DataArray:
     """Correct downscaled fields so that their large scales are those of ``reference``.
 
@@ -119,6 +120,9 @@ def preserve_large_scales(
         ``"mean"``.
     wavenumber
         Cut-off in cycles per model grid cell; needed for ``"lowpass"``.
+    wet_min
+        For ``"mean"``: the dry threshold (see :func:`xdownscale.core.preserve.preserve_means`); values
+        below it move onto the wet values of their coarse cell.
 
     Returns
     -------
@@ -136,7 +140,9 @@ def preserve_large_scales(
 
         def apply(y: np.ndarray, p: np.ndarray) -> np.ndarray:
             lead = y.shape[:-2]
-            flat = preserve_means(y.reshape(*lead, ny * nx), p.reshape(*p.shape[:-2], ny * nx), cell, smooth)
+            flat = preserve_means(
+                y.reshape(*lead, ny * nx), p.reshape(*p.shape[:-2], ny * nx), cell, smooth, wet_min=wet_min
+            )
             return flat.reshape(y.shape).astype(y.dtype)
 
         result = xr.apply_ufunc(
