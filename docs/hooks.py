@@ -19,9 +19,24 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
         # other kinds of models (assimilation): show the stored measurements as they are
         return ["```json", json.dumps(metrics, indent=1), "```", ""]
     for label, rows in metrics.items():
-        if not isinstance(rows, dict) or not all(
-            isinstance(v, dict) and "pooled_corr" in v for v in rows.values()
-        ):
+        if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
+            continue
+        if all("crps" in v for v in rows.values()):  # a paired test: scored day by day
+            lines += [
+                f"**{label.removeprefix('paired: ')} (paired, day by day)**",
+                "",
+                "| method | CRPS | spread/skill | days | s / field |",
+                "|---|---|---|---|---|",
+            ]
+            for method, r in rows.items():
+                ss = r.get("spread_skill")
+                ss_text = "-" if ss is None or ss != ss else f"{ss:.2f}"
+                lines.append(
+                    f"| {method} | {r['crps']:.3f} | {ss_text} | {r['days']} | {r['seconds_per_field']:.4f} |"
+                )
+            lines.append("")
+            continue
+        if not all("pooled_corr" in v and "mae" in v for v in rows.values()):
             continue
         lines += [
             f"**{label} as input**",
