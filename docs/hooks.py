@@ -22,35 +22,53 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
         if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
             continue
         if all("crps" in v for v in rows.values()):  # a paired test: scored day by day
-            lines += [
+            lines += _table(
                 f"**{label.removeprefix('paired: ')} (paired, day by day)**",
-                "",
-                "| method | CRPS | spread/skill | days | s / field |",
-                "|---|---|---|---|---|",
-            ]
-            for method, r in rows.items():
-                ss = r.get("spread_skill")
-                ss_text = "-" if ss is None or ss != ss else f"{ss:.2f}"
-                lines.append(
-                    f"| {method} | {r['crps']:.3f} | {ss_text} | {r['days']} | {r['seconds_per_field']:.4f} |"
-                )
-            lines.append("")
-            continue
-        if not all("pooled_corr" in v and "mae" in v for v in rows.values()):
-            continue
-        lines += [
-            f"**{label} as input**",
-            "",
-            "| method | pooled corr | mean abs err (reduction) | p95 abs err (reduction) | s / field |",
-            "|---|---|---|---|---|",
-        ]
-        for method, r in rows.items():
-            lines.append(
-                f"| {method} | {r['pooled_corr']:.3f} | {r['mae']:.3f} ({100 * r['mae_reduction']:.1f}%) | "
-                f"{r['p95']:.3f} ({100 * r['p95_reduction']:.1f}%) | {r['seconds_per_field']:.4f} |"
+                ["method", "CRPS", "spread/skill", "days", "s / field"],
+                [
+                    [
+                        m,
+                        f"{r['crps']:.3f}",
+                        _number(r.get("spread_skill"), ".2f"),
+                        str(r["days"]),
+                        f"{r['seconds_per_field']:.4f}",
+                    ]
+                    for m, r in rows.items()
+                ],
             )
-        lines.append("")
+        elif all("pooled_corr" in v and "mae" in v for v in rows.values()):
+            lines += _table(
+                f"**{label} as input**",
+                ["method", "pooled corr", "mean abs err (reduction)", "p95 abs err (reduction)", "s / field"],
+                [
+                    [
+                        m,
+                        f"{r['pooled_corr']:.3f}",
+                        f"{r['mae']:.3f} ({100 * r['mae_reduction']:.1f}%)",
+                        f"{r['p95']:.3f} ({100 * r['p95_reduction']:.1f}%)",
+                        f"{r['seconds_per_field']:.4f}",
+                    ]
+                    for m, r in rows.items()
+                ],
+            )
     return lines
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled markdown table."""
+    return [
+        title,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+
+
+def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted, or "-" when missing or NaN."""
+    return "-" if value is None or value != value else format(value, spec)
 
 
 def _method(kind: str) -> str:
@@ -113,7 +131,11 @@ def model_page(card: dict[str, Any]) -> str:
     metrics = card.get("metrics") or {}
     table = _metrics_table(metrics)
     lines += table if table else ["No measurements stored in the card yet."]
-    report = "../evaluation-tas.md" if any(v.get("kind") == "temperature" for v in variables) else "../evaluation.md"
+    report = (
+        "../evaluation-tas.md"
+        if any(v.get("kind") == "temperature" for v in variables)
+        else "../evaluation.md"
+    )
     lines += ["", f"Full report: [Evaluation]({report}).", ""]
     return "\n".join(lines)
 

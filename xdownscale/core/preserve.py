@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .transforms import WET_TOLERANCE
+
 __all__ = ["preserve_means"]
 
 #: fields corrected together (memory: a few (fields, fine cells) arrays)
@@ -155,8 +157,6 @@ def _without_drizzle(
     the rain goes to its largest values, as many as the cell's total holds whole ``wet_min`` amounts (at
     least one); the kept values are scaled to keep the means. ``owner`` (N,) is each valid fine cell's
     coarse cell (column of ``target``)."""
-    from .transforms import WET_TOLERANCE
-
     fields, cells = target.shape
     where = np.flatnonzero(valid)
     own = owner[where]
