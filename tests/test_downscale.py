@@ -378,21 +378,40 @@ def _block_means(da: xr.DataArray, factor: int = 4) -> np.ndarray:
 
 
 def test_preserve_keeps_the_inputs_means_over_its_cells(cm_model, coarse):
-    """Default for precipitation: over every input cell the output's mean is the input's (after units,
-    regridding and low-pass), to round-off; the network's own output does not meet them."""
+    """Default for precipitation: over every input cell the output's mean (over the cell's land) is the
+    input's value there, to round-off; neither the network's own output nor the bilinear regridding
+    (whose cell means mix in the neighbours') meets them."""
     x = coarse.isel(time=slice(0, 6))
     out = x.downscale.cm(model=cm_model.path, scale="200 km", members=2, progress=False)
     raw = x.downscale.cm(model=cm_model.path, scale="200 km", members=2, progress=False, preserve=False)
-    reference = x.downscale.prepare(model=cm_model.path, transform=False) / 86400.0  # mm/day -> kg m-2 s-1
-    want = _block_means(reference.where(cm_model.grid["mask"]))
+    bilinear = x.downscale.prepare(model=cm_model.path, transform=False) / 86400.0  # to kg m-2 s-1
+    land = _block_means(xr.ones_like(out.isel(member=0)).where(cm_model.grid["mask"]))
+    want = np.where(np.isfinite(land), x.values[:, : land.shape[1], : land.shape[2]], np.nan)
     for m in range(2):
         got = _block_means(out.isel(member=m))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
-    assert np.nanmax(np.abs(_block_means(raw.isel(member=0)) - want)) > 1e-3 * np.nanmax(want)
+    for other in (raw.isel(member=0), bilinear.where(cm_model.grid["mask"])):
+        assert np.nanmax(np.abs(_block_means(other) - want)) > 1e-3 * np.nanmax(want)
     assert out.attrs["downscale_preserve"] == "mean" and "preserve 'mean'" in out.attrs["history"]
     assert raw.attrs["downscale_preserve"] == "none"
     assert (out.values[np.isfinite(out.values)] >= 0).all()
     np.testing.assert_array_equal(np.isnan(out.values), np.isnan(raw.values))
+
+
+def test_preserve_with_qdm_keeps_the_inputs_means_times_the_corrections_change(cm_model, coarse):
+    """With QDM each input cell's mean is its value times the relative change QDM made over the cell."""
+    x = coarse.isel(time=slice(0, 12))
+    hist = (x * 0.8).assign_attrs(x.attrs)  # a dry-biased historical run: QDM scales values up
+    kwargs = {"model": cm_model.path, "qdm": True, "hist": hist}
+    out = x.downscale.cm(scale="200 km", progress=False, seed=0, **kwargs)
+    mask = cm_model.grid["mask"]
+    before = x.downscale.prepare(model=cm_model.path, transform=False).where(mask)
+    after = x.downscale.prepare(transform=False, **kwargs).where(mask)
+    change = _block_means(after) / _block_means(before)
+    want = x.values[:, : change.shape[1], : change.shape[2]] * change
+    ok = np.isfinite(want) & (_block_means(before) > 0)
+    np.testing.assert_allclose(_block_means(out)[ok], want[ok], rtol=2e-4)
+    assert np.nanmean(change) > 1.1  # the correction did change the means
 
 
 def test_a_wetter_input_gives_an_equally_wetter_output(cm_model, coarse):

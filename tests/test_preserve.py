@@ -78,6 +78,58 @@ def test_scaling_the_input_scales_the_output(fields: tuple) -> None:
     assert ratio == pytest.approx(1.2, rel=1e-5)
 
 
+def _with_values(fields: tuple, seed: int = 3) -> xr.DataArray:
+    """The coarse grid with values over time: positive, a dry cell, an unknown (NaN) cell, a dry day."""
+    out, _ = fields
+    grid = _coarse_grid()
+    values = np.random.default_rng(seed).gamma(0.8, 3.0, (out.sizes["time"], *grid.shape))
+    values[:, 1, 2] = 0.0
+    values[:, 3, 1] = np.nan
+    values[2] = 0.0
+    return xr.DataArray(values, dims=("time", "lat", "lon"), coords={"time": out["time"], **grid.coords})
+
+
+def test_with_the_inputs_values_each_cell_means_its_value(fields: tuple) -> None:
+    """The input's own coarse values, not the regridded reference's cell means, are the targets (an
+    interpolated field's cell means mix in the neighbours'); a NaN value keeps the reference's mean."""
+    out, ref = fields
+    coarse = _with_values(fields)
+    fixed = preserve_large_scales(out, ref, rule="mean", coarse=coarse)
+    got = _coarse_means(fixed, coarse)
+    flat = coarse.values.reshape(coarse.sizes["time"], -1)
+    # _coarse_means lists the cells with land in row-major order
+    lat_b = np.r_[coarse.lat.values - 0.7, coarse.lat.values[-1] + 0.7]
+    lon_b = np.r_[coarse.lon.values - 0.7, coarse.lon.values[-1] + 0.7]
+    iy = np.searchsorted(lat_b, ref.lat.values) - 1
+    ix = np.searchsorted(lon_b, ref.lon.values) - 1
+    land = np.isfinite(ref.values[0])
+    ny, nx = coarse.shape[1:]
+    cells = [j * nx + i for j in range(ny) for i in range(nx) if land[iy == j][:, ix == i].any()]
+    want = flat[:, cells]
+    assert want.shape == got.shape
+    unknown = np.isnan(want)
+    assert unknown.any() and (want[~unknown] == 0).any()
+    np.testing.assert_allclose(got[~unknown], want[~unknown], rtol=1e-6, atol=1e-9 * np.nanmax(want))
+    np.testing.assert_allclose(got[unknown], _coarse_means(ref, coarse)[unknown], rtol=1e-6, atol=1e-12)
+    assert float(fixed.min()) >= 0.0 and float(fixed[2].max()) == 0.0
+    np.testing.assert_array_equal(np.isnan(fixed.values), np.isnan(out.values))
+    # a cell the reference leaves dry gets the value evenly
+    dry = (_coarse_means(ref, coarse) == 0) & (want > 0)
+    assert dry.any()
+    # with a bias correction that doubled the input (base: before it), each mean is doubled too, except
+    # where the reference is dry (no change to measure)
+    doubled = preserve_large_scales(out, ref, rule="mean", coarse=coarse, base=ref / 2)
+    got2 = _coarse_means(doubled, coarse)
+    known = ~unknown & ~dry
+    np.testing.assert_allclose(got2[known], 2 * want[known], rtol=1e-6, atol=1e-9 * np.nanmax(want))
+    np.testing.assert_allclose(got2[dry], want[dry], rtol=1e-6)
+    # lazy, chunked in time differently from the output: the same
+    lazy = preserve_large_scales(
+        out.chunk({"time": 4}), ref.chunk({"time": 2}), rule="mean", coarse=coarse.chunk({"time": 3})
+    )
+    np.testing.assert_allclose(lazy.values, fixed.values, rtol=1e-12, atol=1e-15)
+
+
 def test_every_fine_cell_belongs_to_the_coarse_cell_holding_its_centre() -> None:
     fine = regional_grid(16, 24)
     cell, smooth = coarse_cell_operators(fine, _coarse_grid())

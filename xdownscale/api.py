@@ -259,8 +259,9 @@ def downscale(
         Time steps (evenly spaced) used to estimate the input's mean spectrum for ``scale="auto"``.
     preserve
         Keep the input's large scales in the output (after denoising, in the model's units): ``"mean"``
-        makes the output's mean over each cell of the input's grid equal to the (bias-corrected) input's,
-        exactly and multiplicatively (signs, dry cells and climate signals of the input are kept);
+        makes the output's mean over each cell of the input's grid equal to the input's value there
+        (times the relative change of the cell's mean under QDM), exactly and multiplicatively (signs,
+        dry cells and climate signals of the input are kept);
         ``"lowpass"`` makes the output's low-pass at the input's resolution equal to the input's
         (additive). ``True`` (default): ``"mean"`` for precipitation, ``"lowpass"`` otherwise; ``False``:
         the network's output as it is.

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError, XDownscaleWarning
-from .preparation import INPUT_WAVENUMBER_ATTR, model_mask
+from .preparation import INPUT_WAVENUMBER_ATTR, check_input, model_mask
 from .xr.cf import find_grid
 
 if TYPE_CHECKING:
@@ -151,19 +151,33 @@ def preserve_rule(preserve: Any, model: Model) -> str | None:
 
 
 def preserve_scales(
-    out: xr.DataArray, transformed: xr.DataArray, da: xr.DataArray, model: Model, rule: str
+    out: xr.DataArray,
+    transformed: xr.DataArray,
+    da: xr.DataArray,
+    model: Model,
+    rule: str,
+    *,
+    units: str | None = None,
+    base: xr.DataArray | None = None,
 ) -> Any:
-    """The output with the input's large scales (``rule``) restored, in the model's units."""
+    """The output with the input's large scales (``rule``) restored, in the model's units.
+
+    For ``"mean"`` each of the input's cells gets the mean the input ``da`` has there (``units``: its
+    units where it has none), times the relative change bias correction made over the cell (``base``:
+    the input on the model grid before it; None: no bias correction)."""
     from .xr.domain import cut_to_domain
     from .xr.preserve import preserve_large_scales
+    from .xr.units import convert_units
 
     reference = model.transform.inverse(transformed).where(model_mask(model))
     if rule == "mean":
-        with warnings.catch_warnings():  # any coverage warning was given by prepare already
+        with warnings.catch_warnings():  # any warning was given by prepare already
             warnings.simplefilter("ignore")
-            coarse = cut_to_domain(da, find_grid(da), model.grid, partial=True)
+            checked, grid, _ = check_input(da, model, units)
+            coarse = cut_to_domain(checked, grid, model.grid, partial=True)
+            coarse = convert_units(coarse.astype(np.float64), model.variable["units"], units=units)
         wet_min = getattr(model.transform, "wet_min", None)
-        return preserve_large_scales(out, reference, rule="mean", coarse=coarse, wet_min=wet_min)
+        return preserve_large_scales(out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min)
     wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
     if wavenumber is None:  # the input is at least as fine as the model grid
         return out

@@ -121,12 +121,16 @@ class Plan:
             "precision": p.precision,
         }
 
-    def prepare(self, da: xr.DataArray) -> xr.DataArray:
-        """``da`` as the network sees it under this plan (units, regrid, low-pass, QDM, transform)."""
+    def regridded(self, da: xr.DataArray) -> xr.DataArray:
+        """``da`` on the model grid under this plan, before bias correction (model units)."""
         checked, grid, _ = check_input(da, self.model, self.units)
-        fine = to_model_grid(
+        return to_model_grid(
             checked, grid, self.model, regrid=self.regrid, lowpass=self.lowpass, units=self.units
         )
+
+    def prepare(self, da: xr.DataArray) -> xr.DataArray:
+        """``da`` as the network sees it under this plan (units, regrid, low-pass, QDM, transform)."""
+        fine = self.regridded(da)
         if self.qdm is not None:
             fine = keeping_time_chunks(fine, self.qdm.adjust)
         return finish(fine, self.model, True)
@@ -171,7 +175,11 @@ class Plan:
         out = model.transform.inverse(values, dry=self.preserve != "mean")
         out = out.where(model_mask(model))
         if self.preserve is not None:
-            out = preserve_scales(out, prepared, da, model, self.preserve)
+            # bias correction's change over each input cell, from the input before it
+            base = None
+            if self.preserve == "mean" and self.qdm is not None:
+                base = self.regridded(da).where(model_mask(model))
+            out = preserve_scales(out, prepared, da, model, self.preserve, units=self.units, base=base)
         out = flag_out_of_range(out, model)
         out.attrs = {}
         out.attrs["units"] = model.variable["units"]

@@ -8,17 +8,23 @@ output and ``p`` the (bias-corrected) input on the fine grid, the constraints ar
 
 ``mean(y[cell == j]) == mean(p[cell == j])`` for every coarse cell ``j``,
 
-means over the valid (unmasked) fine cells. For non-negative variables (precipitation) the correction is
-multiplicative, so signs and dry cells are kept and a dry coarse cell comes back dry: a few passes scale
-``y`` by a *smooth* field (the ratios of the coarse means interpolated to the fine grid with the matrix
-``S``), which leaves almost no seams at coarse-cell edges, then one exact pass scales each coarse cell by
-its remaining ratio, which meets the constraints to round-off (the cells partition the fine grid, so the
-passes of different cells do not interact). Where the output is dry over a whole coarse cell that the
-input says is wet, the input's own values are used there (a multiplicative correction cannot create rain
-from nothing). With ``wet_min`` (the smallest amount the training data record), values below it are
-drizzle: in a coarse cell that also has values at or above it they are set to 0 and the cell's wet
-values scaled up to keep its mean; in a coarse cell with no value that high, its rain goes to its largest
-values, as many as its total holds whole ``wet_min`` amounts (at least one), the others become 0.
+means over the valid (unmasked) fine cells. Interpolation does not keep cell means (a bilinear field's
+mean over a cell mixes in its neighbours'), so where the input's own coarse values are given, ``p`` is
+first scaled over each cell to mean that value, times the relative change the bias correction made
+there (its means before, ``base``, and after, ``p``), or that value evenly where ``base`` is dry over
+the cell: then the output means exactly what the input says over each of its cells.
+
+For non-negative variables (precipitation) the correction is multiplicative, so signs and dry cells are
+kept and a dry coarse cell comes back dry: a few passes scale ``y`` by a *smooth* field (the ratios of
+the coarse means interpolated to the fine grid with the matrix ``S``), which leaves almost no seams at
+coarse-cell edges, then one exact pass scales each coarse cell by its remaining ratio, which meets the
+constraints to round-off (the cells partition the fine grid, so the passes of different cells do not
+interact). Where the output is dry over a whole coarse cell that the input says is wet, the input's own
+values are used there (a multiplicative correction cannot create rain from nothing). With ``wet_min``
+(the smallest amount the training data record), values below it are drizzle: in a coarse cell that also
+has values at or above it they are set to 0 and the cell's wet values scaled up to keep its mean; in a
+coarse cell with no value that high, its rain goes to its largest values, as many as its total holds
+whole ``wet_min`` amounts (at least one), the others become 0.
 
 Numerics only (numpy); :mod:`xdownscale.xr.preserve` finds ``cell`` and ``S`` from the grids.
 """
@@ -43,8 +49,11 @@ def preserve_means(
     *,
     passes: int = 2,
     wet_min: float | None = None,
+    coarse: np.ndarray | None = None,
+    base: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Scale non-negative fields ``y`` so that their coarse-cell means equal those of ``p``.
+    """Scale non-negative fields ``y`` so that their coarse-cell means equal those of ``p`` (or, with
+    ``coarse``, the input's coarse values).
 
     Parameters
     ----------
@@ -64,6 +73,12 @@ def preserve_means(
         Optional dry threshold, the smallest amount the training data record: the rain of each coarse
         cell is put in values of at least ``wet_min`` where its total allows (see above), the means kept
         (None: no threshold).
+    coarse
+        Optional, shape (..., M) broadcastable to ``y``'s leading axes: the input's values on its own cells
+        (NaN: unknown, the cell keeps the mean of ``p``). Each cell's target mean becomes its value times
+        ``mean(p) / mean(base)`` over the cell, the bias correction's relative change (1 without ``base``).
+    base
+        Optional, like ``p``: the input on the fine grid before bias correction.
 
     Returns
     -------
@@ -89,6 +104,11 @@ def preserve_means(
     if (np.nan_to_num(y2) < 0).any() or (np.nan_to_num(p2) < 0).any():
         raise ValueError("preserve_means keeps signs multiplicatively: y and p must be >= 0.")
     out = np.where(finite, y2, np.nan)
+    c2 = b2 = None
+    if coarse is not None:
+        c2 = np.asarray(coarse, dtype=np.float64)
+        c2 = np.broadcast_to(c2, (*shape[:-1], c2.shape[-1])).reshape(-1, c2.shape[-1])
+        b2 = p2 if base is None else np.broadcast_to(np.asarray(base, np.float64), shape).reshape(-1, n)
     s = None if smooth is None else np.asarray(smooth, dtype=np.float64)
     # fields with the same valid cells (usually all of them: the model's mask) are corrected together
     patterns, group = np.unique(np.packbits(finite, axis=1), axis=0, return_inverse=True)
@@ -110,11 +130,29 @@ def preserve_means(
             part = fields[start : start + _BATCH]
             yv = np.where(common, out[part], 0.0)
             pv = np.where(common, p2[part], 0.0)
+            if c2 is not None and b2 is not None:
+                pv = _to_coarse_values(pv, np.where(common, b2[part], 0.0), c2[part][:, cells], mean)
             fixed = _correct(yv, pv, mean, spread, sg, valid, passes)
             if wet_min is not None:
                 fixed = _without_drizzle(fixed, pv @ mean.T, valid, owner, wet_min)
             out[part] = np.where(common, fixed, np.nan)
     return out.reshape(shape)
+
+
+def _to_coarse_values(p: np.ndarray, base: np.ndarray, values: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``p`` (F, N) scaled over each coarse cell so that its mean there is ``values`` (F, M) times
+    mean(p) / mean(base); where ``base`` is dry over a cell, ``values`` itself, evenly; where ``values``
+    is NaN, ``p`` unchanged."""
+    before = base @ mean.T
+    tiny = 1e-12 * np.maximum(np.abs(before).max(axis=1, keepdims=True), 1e-300)
+    known = np.isfinite(values)
+    ok = (before > tiny) & known
+    ratio = np.divide(np.where(ok, values, 0.0), before, out=np.ones_like(before), where=ok)
+    even = np.where(known & ~ok, values, 0.0)
+    members = (mean > 0).astype(np.float64)  # (M, N)
+    scaled = np.where((known & ~ok).astype(np.float64) @ members > 0, even @ members, p * (ratio @ members))
+    # a fine cell in no coarse cell (or masked) keeps its value
+    return np.where(members.any(axis=0), scaled, p)
 
 
 def _correct(

@@ -3,9 +3,10 @@
 Two rules, one per kind of variable:
 
 * ``"mean"`` (precipitation and other non-negative amounts): over each cell of the *input's* grid, the
-  mean of the output's fine cells whose centres lie in it equals that of the (bias-corrected) input on the
-  fine grid, to round-off; the correction is multiplicative and smooth (see
-  :mod:`xdownscale.core.preserve`), so it keeps signs, dry cells and the NaN mask. A climate-change
+  mean of the output's fine cells whose centres lie in it equals the input's value there (times the
+  relative change the bias correction made over the cell), to round-off; the correction is
+  multiplicative and smooth (see :mod:`xdownscale.core.preserve`), so it keeps signs, dry cells and the
+  NaN mask. A climate-change
   signal of the input is passed on cell by cell.
 * ``"lowpass"`` (temperature and other unbounded variables): the low-pass of the output at the input's
   resolution equals the low-pass of the input: ``y + lowpass(p - y)``.
@@ -100,6 +101,7 @@ def preserve_large_scales(
     *,
     rule: str,
     coarse: xr.DataArray | None = None,
+    base: xr.DataArray | None = None,
     wavenumber: float | None = None,
     wet_min: float | None = None,
 ) -> xr.DataArray:
@@ -116,8 +118,12 @@ def preserve_large_scales(
         ``"mean"`` (multiplicative, exact means over ``coarse``'s cells) or ``"lowpass"`` (additive,
         low-pass at ``wavenumber``).
     coarse
-        The input on its own grid, cut to the model's domain (only its coordinates are used); needed for
-        ``"mean"``.
+        The input on its own grid, cut to the model's domain; needed for ``"mean"``. With the time
+        dimension of ``out`` (the input's values, in ``out``'s units) each cell's mean becomes its value
+        times the bias correction's relative change over the cell; without it only its grid is used and
+        the means are ``reference``'s.
+    base
+        For ``"mean"`` with ``coarse`` values: ``reference`` before bias correction (None: no correction).
     wavenumber
         Cut-off in cycles per model grid cell; needed for ``"lowpass"``.
     wet_min
@@ -136,20 +142,24 @@ def preserve_large_scales(
         if coarse is None:
             raise InputError("preserve='mean' needs the coarse input's grid.")
         cell, smooth = coarse_cell_operators(out, coarse)
-        ny, nx = out.sizes[grid.ydim], out.sizes[grid.xdim]
+        values = _coarse_values(coarse, out)
+        base = reference if base is None or values is None else base.transpose(..., *core)
 
-        def apply(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-            lead = y.shape[:-2]
-            flat = preserve_means(
-                y.reshape(*lead, ny * nx), p.reshape(*p.shape[:-2], ny * nx), cell, smooth, wet_min=wet_min
-            )
-            return flat.reshape(y.shape).astype(y.dtype)
+        def flat(a: np.ndarray) -> np.ndarray:
+            return a.reshape(*a.shape[:-2], -1)
 
+        def apply(y: np.ndarray, p: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+            fixed = preserve_means(
+                flat(y), flat(p), cell, smooth, wet_min=wet_min,
+                coarse=None if c is None else flat(c), base=flat(b),
+            )  # fmt: skip
+            return fixed.reshape(y.shape).astype(y.dtype)
+
+        args = [out, reference, base] + ([] if values is None else [values])
         result = xr.apply_ufunc(
             apply,
-            out,
-            reference,
-            input_core_dims=[core, core],
+            *args,
+            input_core_dims=[core, core, core] + ([] if values is None else [list(_COARSE_DIMS)]),
             output_core_dims=[core],
             dask="parallelized",
             output_dtypes=[out.dtype],
@@ -165,6 +175,27 @@ def preserve_large_scales(
         corrected = out + lowpass(diff.where(np.isfinite(diff), 0.0), float(wavenumber))
         return corrected.where(np.isfinite(out)).transpose(*out.dims)
     raise InputError(f"preserve rule {rule!r}: expected 'mean' or 'lowpass'.")
+
+
+_COARSE_DIMS = ("_coarse_y", "_coarse_x")
+
+
+def _coarse_values(coarse: xr.DataArray, out: xr.DataArray) -> xr.DataArray | None:
+    """``coarse``'s values with its horizontal dims renamed apart from the model grid's and only its time
+    coordinate (so that it lines up with ``out`` by time alone); None when it has no time dimension of
+    ``out``'s."""
+    from .cf import find_time
+
+    time = find_time(out, required=False)
+    if time is None or time not in coarse.dims:
+        return None
+    grid = find_grid(coarse)
+    data = coarse.transpose(time, grid.ydim, grid.xdim)
+    if data.chunks is not None:
+        data = data.chunk({grid.ydim: -1, grid.xdim: -1})
+    return xr.DataArray(data.data, dims=(time, *_COARSE_DIMS), coords={time: coarse[time].variable}).astype(
+        np.float64
+    )
 
 
 def default_rule(kind: str) -> str:
