@@ -398,12 +398,27 @@ def test_preserve_keeps_the_inputs_means_over_its_cells(cm_model, coarse):
     np.testing.assert_array_equal(np.isnan(out.values), np.isnan(raw.values))
 
 
+def test_smooth_mean_keeps_the_regridded_inputs_means(cm_model, coarse):
+    """preserve='smooth-mean': over every input cell the output's mean is the regridded input's there."""
+    x = coarse.isel(time=slice(0, 6))
+    out = x.downscale.cm(model=cm_model.path, scale="200 km", progress=False, preserve="smooth-mean")
+    bilinear = x.downscale.prepare(model=cm_model.path, transform=False) / 86400.0  # to kg m-2 s-1
+    want = _block_means(bilinear.where(cm_model.grid["mask"]))
+    np.testing.assert_allclose(_block_means(out), want, rtol=1e-5, atol=1e-12)
+    assert out.attrs["downscale_preserve"] == "smooth-mean"
+    assert (out.values[np.isfinite(out.values)] >= 0).all()
+
+
 def test_preserve_with_qdm_keeps_the_inputs_means_times_the_corrections_change(cm_model, coarse):
-    """With QDM each input cell's mean is its value times the relative change QDM made over the cell."""
+    """preserve='mean' with QDM: each input cell's mean is its value times the relative change QDM made
+    over the cell. The default with QDM is 'smooth-mean' (QDM is fitted on the regridded field)."""
     x = coarse.isel(time=slice(0, 12))
     hist = (x * 0.8).assign_attrs(x.attrs)  # a dry-biased historical run: QDM scales values up
     kwargs = {"model": cm_model.path, "qdm": True, "hist": hist}
-    out = x.downscale.cm(scale="200 km", progress=False, seed=0, **kwargs)
+    out = x.downscale.cm(scale="200 km", progress=False, seed=0, preserve="mean", **kwargs)
+    default = x.downscale.cm(scale="200 km", progress=False, seed=0, **kwargs)
+    assert default.attrs["downscale_preserve"] == "smooth-mean"
+    assert out.attrs["downscale_preserve"] == "mean"
     mask = cm_model.grid["mask"]
     before = x.downscale.prepare(model=cm_model.path, transform=False).where(mask)
     after = x.downscale.prepare(transform=False, **kwargs).where(mask)
@@ -441,7 +456,7 @@ def test_preserve_lazy_equals_eager(cm_model, coarse):
 
 
 def test_error_bad_preserve(cm_model, coarse):
-    with pytest.raises(InputError, match=r"preserve='median'.*True, False, 'mean' or 'lowpass'"):
+    with pytest.raises(InputError, match=r"preserve='median'.*True, False, 'mean', 'smooth-mean' or"):
         coarse.downscale.cm(model=cm_model.path, scale="200 km", preserve="median", progress=False)
 
 

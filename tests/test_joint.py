@@ -187,7 +187,11 @@ def test_a_warming_survives_and_qdm_is_per_variable(joint: xdownscale.models.Mod
     fixed = biased.downscale.cm(model=joint, scale=SCALES, qdm=True, progress=False)
     truth = float(joint.for_variable("tas").reference_quantiles.sel(quantiles=0.5, method="nearest").mean())
     assert abs(float(fixed["tas"].mean()) - truth) < 1.5 < abs(float(biased["tas"].mean()) - truth)
-    assert fixed["pr"].attrs["history"].endswith("preserve 'mean'") and "QDM" in fixed["pr"].attrs["history"]
+    # with QDM precipitation keeps the regridded, corrected input's cell means (the default)
+    assert (
+        fixed["pr"].attrs["history"].endswith("preserve 'smooth-mean'")
+        and "QDM" in fixed["pr"].attrs["history"]
+    )
 
 
 def test_variables_matched_by_kind_or_by_name(joint: xdownscale.models.Model) -> None:

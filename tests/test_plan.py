@@ -84,7 +84,7 @@ def test_to_dict_is_a_stable_json_fingerprint(cm_model, coarse):
     assert json.loads(json.dumps(d1)) == d1
     assert d1["model"]["sha256"] == cm_model.sha256
     assert d1["qdm"]["kind"] == "*" and len(d1["qdm"]["sha256"]) == 64
-    assert d1["scale"]["sigma"] > 0 and d1["preserve"] == "mean"
+    assert d1["scale"]["sigma"] > 0 and d1["preserve"] == "smooth-mean"  # the default with QDM
     assert xdownscale.plan(x, **{**kw, "seed": 2}).to_dict() != d1
     other = (x * 2.0).assign_attrs(x.attrs)
     assert xdownscale.plan(other, **kw).to_dict()["qdm"]["sha256"] != d1["qdm"]["sha256"]

@@ -86,8 +86,9 @@ def test_additive_qdm_removes_a_warm_bias(tas_model, tas_fine):
     truth = coarse.downscale.prepare(model=tas_model, transform=False)
     assert float((raw - truth).mean()) == pytest.approx(3.0, abs=0.05)
     assert abs(float((corrected - truth).mean())) < 1.0
-    with pytest.raises(InputError, match="mean"):
-        warm.downscale.cm(model=tas_model, preserve="mean", **RUN)
+    for rule in ("mean", "smooth-mean"):
+        with pytest.raises(InputError, match=rf"preserve='{rule}' scales the output multiplicatively"):
+            warm.downscale.cm(model=tas_model, preserve=rule, **RUN)
 
 
 def test_precipitation_units_into_a_tas_model_are_refused(tas_model, tas_fine):

@@ -261,7 +261,9 @@ def downscale(
         Keep the input's large scales in the output (after denoising, in the model's units): ``"mean"``
         makes the output's mean over each cell of the input's grid equal to the input's value there
         (times the relative change of the cell's mean under QDM), exactly and multiplicatively (signs,
-        dry cells and climate signals of the input are kept);
+        dry cells and climate signals of the input are kept); ``"smooth-mean"`` does the same with the
+        means of the regridded input over the cells (smoother: interpolation mixes in the neighbouring
+        cells; for inputs whose grid-scale values are unreliable, see the user guide);
         ``"lowpass"`` makes the output's low-pass at the input's resolution equal to the input's
         (additive). ``True`` (default): ``"mean"`` for precipitation, ``"lowpass"`` otherwise; ``False``:
         the network's output as it is.

@@ -133,21 +133,28 @@ def _denoise_dask_block(
     return denoise_block(xb, kb.reshape(-1), sigma=np.asarray([float(v) for v in sbs]), **kwargs)
 
 
-def preserve_rule(preserve: Any, model: Model) -> str | None:
+#: the multiplicative rules of ``preserve=``: the input's own cell values, or the cell means of the
+#: input regridded to the model grid (smoother: interpolation mixes in the neighbouring cells)
+MEAN_RULES = ("mean", "smooth-mean")
+
+
+def preserve_rule(preserve: Any, model: Model, *, bias_corrected: bool = False) -> str | None:
+    """The rule of ``preserve=`` (None: none); ``True`` picks the variable's default, which for
+    precipitation depends on whether the input is bias-corrected (``bias_corrected``)."""
     from .xr.preserve import default_rule
 
     if preserve is True:
-        return default_rule(model.variable["kind"])
+        return default_rule(model.variable["kind"], bias_corrected)
     if preserve is False or preserve is None:
         return None
-    if preserve in ("mean", "lowpass"):
-        if preserve == "mean" and model.variable["kind"] != "precipitation":
+    if preserve in (*MEAN_RULES, "lowpass"):
+        if preserve in MEAN_RULES and model.variable["kind"] != "precipitation":
             raise InputError(
-                f"preserve='mean' scales the output multiplicatively, for non-negative amounts; model "
-                f"'{model.name}' is for {model.variable['kind']}. Use preserve='lowpass' (or True)."
+                f"preserve={preserve!r} scales the output multiplicatively, for non-negative amounts; "
+                f"model '{model.name}' is for {model.variable['kind']}. Use preserve='lowpass' (or True)."
             )
         return str(preserve)
-    raise InputError(f"preserve={preserve!r}: expected True, False, 'mean' or 'lowpass'.")
+    raise InputError(f"preserve={preserve!r}: expected True, False, 'mean', 'smooth-mean' or 'lowpass'.")
 
 
 def preserve_scales(
@@ -164,18 +171,22 @@ def preserve_scales(
 
     For ``"mean"`` each of the input's cells gets the mean the input ``da`` has there (``units``: its
     units where it has none), times the relative change bias correction made over the cell (``base``:
-    the input on the model grid before it; None: no bias correction)."""
+    the input on the model grid before it; None: no bias correction). For ``"smooth-mean"`` it gets the
+    mean of the prepared (regridded, bias-corrected) input over the cell."""
     from .xr.domain import cut_to_domain
     from .xr.preserve import preserve_large_scales
     from .xr.units import convert_units
 
     reference = model.transform.inverse(transformed).where(model_mask(model))
-    if rule == "mean":
+    if rule in MEAN_RULES:
         with warnings.catch_warnings():  # any warning was given by prepare already
             warnings.simplefilter("ignore")
-            checked, grid, _ = check_input(da, model, units)
+            checked, grid, time = check_input(da, model, units)
             coarse = cut_to_domain(checked, grid, model.grid, partial=True)
-            coarse = convert_units(coarse.astype(np.float64), model.variable["units"], units=units)
+            if rule == "mean":  # the input's values are the targets
+                coarse = convert_units(coarse.astype(np.float64), model.variable["units"], units=units)
+            else:  # only its grid: the targets are the regridded input's means
+                coarse = coarse.isel({time: 0}, drop=True)
         wet_min = getattr(model.transform, "wet_min", None)
         return preserve_large_scales(out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min)
     wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)

@@ -10,7 +10,14 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
-from .generation import denoise, flag_out_of_range, output_attrs, preserve_rule, preserve_scales
+from .generation import (
+    MEAN_RULES,
+    denoise,
+    flag_out_of_range,
+    output_attrs,
+    preserve_rule,
+    preserve_scales,
+)
 from .preparation import (
     DEFAULT_STEPS,
     INPUT_WAVENUMBER_ATTR,
@@ -171,13 +178,13 @@ class Plan:
         this plan): the inverse transform, the mask, the large scales kept, the range check, the caller's
         units, the member dimension and the attributes."""
         model = self.model
-        # generated drizzle is dry; with preserve="mean" it moves onto the wet cells of its coarse cell
-        out = model.transform.inverse(values, dry=self.preserve != "mean")
+        # generated drizzle is dry; with a mean rule it moves onto the wet cells of its coarse cell
+        out = model.transform.inverse(values, dry=self.preserve not in MEAN_RULES)
         out = out.where(model_mask(model))
         if self.preserve is not None:
             # bias correction's change over each input cell, from the input before it
             base = None
-            if self.preserve == "mean" and self.qdm is not None:
+            if self.preserve in MEAN_RULES and self.qdm is not None:
                 base = self.regridded(da).where(model_mask(model))
             out = preserve_scales(out, prepared, da, model, self.preserve, units=self.units, base=base)
         out = flag_out_of_range(out, model)
@@ -252,7 +259,7 @@ def make_plan(
     dev = choose_device(device if device is not None else placed)
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
-    rule = preserve_rule(preserve, loaded)
+    rule = preserve_rule(preserve, loaded, bias_corrected=qdm is not False and qdm is not None)
     checked, grid, _ = check_input(da, loaded, units)
     fine = to_model_grid(checked, grid, loaded, regrid=regrid, lowpass=lowpass, units=units)
     fitted = None
