@@ -41,8 +41,15 @@ TEST = slice("1997-12-01", "2000-02-29")
 HIST = slice("1990-12-01", "1997-02-28")
 CM_NAME = "cm-eobs-iberia-0.25deg-pr"
 SDE_NAME = "sde-eobs-iberia-0.25deg-pr"
-#: the CM with the other mean rule of preserve= (the regridded input's cell means as targets)
-SMOOTH = "CM 1 step, preserve='smooth-mean'"
+
+
+def other_rule(qdm: bool) -> tuple[str, str]:
+    """The row name and rule of the CM with the mean rule of ``preserve=`` that is not the default: the
+    default is 'smooth-mean' (the regridded input's cell means) with QDM, 'mean' (its values) without."""
+    rule = "mean" if qdm else "smooth-mean"
+    return f"CM 1 step, preserve='{rule}'", rule
+
+
 INPUTS = {
     "CNRM-CM5": ("cmip5_cnrm-cm5_pr_historical_djf1983-2002.nc", "pr"),
     "NCEP R1": ("ncep_r1_pr_djf1983-2002.nc", "pr"),
@@ -87,11 +94,11 @@ def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespac
         warnings.simplefilter("always", XDownscaleWarning)
         scale = test.downscale.select_scale(model=cm, qdm=True, hist=hist)
     notes = [str(w.message) for w in caught]
-    for name, steps, preserve in (
-        ("CM 1 step", 1, True),
-        ("CM 1 step, preserve=False", 1, False),
-        (SMOOTH, 1, "smooth-mean"),
-        ("CM 2 steps", 2, True),
+    for name, preserve, steps in (
+        ("CM 1 step", True, 1),
+        ("CM 1 step, preserve=False", False, 1),
+        (*other_rule(True), 1),
+        ("CM 2 steps", True, 2),
     ):
         t0 = time.perf_counter()
         out = test.downscale.cm(
@@ -430,7 +437,7 @@ def paired(
     for name, extra in (
         ("CM 1 step", {}),
         ("CM 1 step, preserve=False", {"preserve": False}),
-        (SMOOTH, {"preserve": "smooth-mean"}),
+        (other_rule(qdm)[0], {"preserve": other_rule(qdm)[1]}),
         ("CM 2 steps", {"steps": 2}),
     ):
         t0 = time.perf_counter()
@@ -464,7 +471,7 @@ def paired(
         row["days"] = int(field.sizes["time"])
         rows.append(row)
     fields.pop(same)
-    fields.pop(SMOOTH)  # a variant of the CM's default: in the table only
+    fields.pop(other_rule(qdm)[0])  # a variant of the CM's default: in the table only
     figs = _paired_figures(label, fields, truth, cm, scale)
     return rows, scale, fields, figs
 
@@ -665,7 +672,7 @@ def main() -> None:
         rows = score(fields, seconds, coarse, truth, scale)
         sigmas = [0.05, 0.2, 0.5, scale.sigma, 1.5, 3.0, 10.0]
         sweep = scale_sweep(coarse, cm, truth, sorted(set(sigmas)), scale, args.sweep_days)
-        shown = {k: v for k, v in fields.items() if k != SMOOTH}  # the variant: in the table only
+        shown = {k: v for k, v in fields.items() if k != other_rule(True)[0]}  # the variant: table only
         figs = figures(label, shown, truth, cm, scale, sweep)
         lost = losses(rows)
         minutes = (time.perf_counter() - started) / 60
@@ -714,7 +721,8 @@ def _paired_verdict(rows: list[dict]) -> list[str]:
         f"* CM 1 step {verdict} the {bar['method']} field: CRPS {cm['crps']:.3f} vs {bar['crps']:.3f} mm/day "
         f"({100 * abs(1 - cm['crps'] / bar['crps']):.1f}% {'lower' if verdict == 'beats' else 'higher'}); "
         f"without preserve {raw['crps']:.3f}"
-        + (f"; with preserve='smooth-mean' {by[SMOOTH]['crps']:.3f}." if SMOOTH in by else "."),
+        + "".join(f"; {k[len('CM 1 step, ') :]} {by[k]['crps']:.3f}" for k in by if "preserve='" in k)
+        + ".",
         f"* Mean ratio {cm['mean_ratio']:.3f} (without preserve {raw['mean_ratio']:.3f}); spread/skill "
         f"{cm['spread_skill']:.2f}; log-spectral distance {cm['log_spectral_distance']:.3f} vs "
         f"{bar['log_spectral_distance']:.3f} for the {bar['method']} field.",
@@ -855,8 +863,11 @@ def write_report(paired_sections: list, sections: list, args: argparse.Namespace
         "factor) over the RMSE of its mean (1 = calibrated, < 1 = over-confident); *mean ratio* - mean of "
         "the output over the truth's; *wet-day frequency* - share of values >= 1 mm/day; *p99* - 99th "
         "percentile of all daily values; *log-spectral distance* - RMS difference of the log mean spectra "
-        "(transformed space) from the truth's. `preserve=False` is the network's output without restoring "
-        "the input's means over its own cells (the default, `preserve=True`, restores them). Generated "
+        "(transformed space) from the truth's. `preserve=False` is the network's output as it is; the "
+        "default `preserve=True` makes its mean over each of the input's cells the input's value there "
+        "(`preserve='mean'`), or with QDM the regridded, corrected input's mean over the cell "
+        "(`preserve='smooth-mean'`, QDM being fitted on that field); the row of the other rule shows "
+        "what the choice does. Generated "
         f"amounts below {_wet_min():g} mm/day, the smallest positive value of the training data (E-OBS "
         "reports to 0.1 mm), are drizzle (`wet_min` in the model card): without `preserve` they are set "
         "to 0; with it, each input cell's rain is put on its values of at least that amount (or on its "
