@@ -262,11 +262,11 @@ def downscale(
         makes the output's mean over each cell of the input's grid equal to the input's value there
         (times the relative change of the cell's mean under QDM), exactly and multiplicatively (signs,
         dry cells and climate signals of the input are kept); ``"smooth-mean"`` does the same with the
-        means of the regridded input over the cells (smoother: interpolation mixes in the neighbouring
-        cells; for inputs whose grid-scale values are unreliable, see the user guide);
-        ``"lowpass"`` makes the output's low-pass at the input's resolution equal to the input's
-        (additive). ``True`` (default): ``"mean"`` for precipitation, ``"lowpass"`` otherwise; ``False``:
-        the network's output as it is.
+        means of the regridded, bias-corrected input over the cells (smoother: interpolation mixes in
+        the neighbouring cells); ``"lowpass"`` makes the output's low-pass at the input's resolution
+        equal to the input's (additive). ``True`` (default): for precipitation ``"mean"``, or
+        ``"smooth-mean"`` with ``qdm`` (QDM is fitted on the regridded field); ``"lowpass"`` otherwise.
+        ``False``: the network's output as it is.
 
     Returns
     -------

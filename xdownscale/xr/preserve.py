@@ -1,13 +1,13 @@
 """Keep the input's large scales in downscaled DataArrays (the ``preserve=`` option of ``.downscale``).
 
-Two rules, one per kind of variable:
+Rules per kind of variable:
 
 * ``"mean"`` (precipitation and other non-negative amounts): over each cell of the *input's* grid, the
   mean of the output's fine cells whose centres lie in it equals the input's value there (times the
   relative change the bias correction made over the cell), to round-off; the correction is
   multiplicative and smooth (see :mod:`xdownscale.core.preserve`), so it keeps signs, dry cells and the
-  NaN mask. A climate-change
-  signal of the input is passed on cell by cell.
+  NaN mask. A climate-change signal of the input is passed on cell by cell. (``"smooth-mean"``, the same
+  with the regridded input's cell means as targets, is this rule with a ``coarse`` of grid only.)
 * ``"lowpass"`` (temperature and other unbounded variables): the low-pass of the output at the input's
   resolution equals the low-pass of the input: ``y + lowpass(p - y)``.
 
