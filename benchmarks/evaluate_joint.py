@@ -41,6 +41,7 @@ from xdownscale.xr.domain import allow_partial_coverage
 from xdownscale.xr.units import convert_units
 
 FIGURES = DOCS / "figures" / "evaluation-joint"
+MAP_FIGURE = "figures/evaluation-joint/correlation-maps.png"
 TEST = slice("1997-12-01", "2002-02-28")
 HIST = slice("1982-12-01", "1997-02-28")
 JOINT = "cm-eobs-iberia-0.5deg-pr-tas"
@@ -189,7 +190,7 @@ def map_figure(maps: dict[str, xr.DataArray]) -> str:
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURES / "correlation-maps.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return "figures/evaluation-joint/correlation-maps.png"
+    return MAP_FIGURE
 
 
 def write(results: list[dict], climate: dict, figure: str, joint: Any, args: argparse.Namespace) -> None:
@@ -260,7 +261,11 @@ def write(results: list[dict], climate: dict, figure: str, joint: Any, args: arg
     ]
     (DOCS / "evaluation-joint.md").write_text("\n".join(lines))
     FIGURES.mkdir(parents=True, exist_ok=True)
-    summary = {"paired": results, "climate": {k: v for k, v in climate.items() if k != "maps"}}
+    summary = {
+        "paired": results,
+        "climate": {k: v for k, v in climate.items() if k != "maps"},
+        "members": args.members,
+    }
     (FIGURES / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
@@ -309,10 +314,14 @@ def _reading(results: list[dict], climate: dict) -> str:
     )
     paired_rows = {r["method"]: r for r in results[0]["rows"]}
     sk = paired_rows["joint CM"]
+
+    def reading(ratio: float) -> str:
+        return "under-dispersed" if ratio < 0.8 else "over-dispersed" if ratio > 1.2 else "about calibrated"
+
     out.append(
-        f"* Spread/skill of the joint model in the perfect-model test: {sk['spread_skill_pr']:.2f} for "
-        f"precipitation and {sk['spread_skill_tas']:.2f} for temperature (1 is calibrated): the ensemble "
-        "is underdispersive, like the one-variable temperature model's."
+        f"* Spread/skill of the joint model in the perfect-model test (1 is calibrated): "
+        f"{sk['spread_skill_pr']:.2f} for precipitation ({reading(sk['spread_skill_pr'])}) and "
+        f"{sk['spread_skill_tas']:.2f} for temperature ({reading(sk['spread_skill_tas'])})."
     )
     return "What the numbers say:\n\n" + "\n".join(out)
 
@@ -341,6 +350,11 @@ def main() -> None:
         action="store_true",
         help="store the scores in the joint model's card (metrics; does not change the weights)",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite the page from the stored scores (figures/evaluation-joint/summary.json)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.members, args.days = 2, 10
@@ -349,6 +363,13 @@ def main() -> None:
         DOCS = Path(tempfile.mkdtemp(prefix="xdownscale-quick-"))
         FIGURES = DOCS / "figures" / "evaluation-joint"
         print(f"--quick: writing the report under {DOCS}")
+    if args.report:
+        from xdownscale.models import resolve_model
+
+        stored = json.loads((FIGURES / "summary.json").read_text())
+        args.members = stored.get("members", args.members)
+        write(stored["paired"], stored["climate"], MAP_FIGURE, resolve_model(args.model), args)
+        return
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
     from xdownscale.models import resolve_model
