@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import DATA, DOCS, coarse_grained, write_card_metrics
+from evaluate_iberia import CONSERVING, DATA, DOCS, coarse_grained, write_card_metrics
 from evaluate_tas import _days, _table
 
 from xdownscale import metrics
 from xdownscale.errors import XDownscaleWarning
 from xdownscale.xr.domain import allow_partial_coverage
+from xdownscale.xr.preserve import preserve_large_scales
 from xdownscale.xr.units import convert_units
 
 FIGURES = DOCS / "figures" / "evaluation-joint"
@@ -71,6 +72,19 @@ def _bilinear(coarse: xr.Dataset, joint: Any, **kwargs: Any) -> xr.Dataset:
             }
         )
     ).load()
+
+
+def _conserving(bilinear: xr.Dataset, coarse: xr.Dataset, joint: Any) -> xr.Dataset:
+    """``bilinear`` with precipitation's means over the coarse cells set to ``coarse``'s values (the
+    CM's ``preserve="mean"`` without the network); temperature's low-pass is the bilinear field's own."""
+    pr = preserve_large_scales(
+        bilinear["pr"],
+        bilinear["pr"],
+        rule="mean",
+        coarse=coarse["pr"],
+        wet_min=joint.for_variable("pr").transform.wet_min,
+    )
+    return bilinear.assign(pr=pr.load())
 
 
 def _methods(
@@ -125,6 +139,8 @@ def paired(label: str, coarse: xr.Dataset, truth: xr.Dataset, joint: Any, member
     mask = joint.grid["mask"]
     base_name = next(iter(fields))
     base = fields[base_name]
+    if not qdm:  # exact coarse values: the deterministic bar of the default preserve, beside bilinear
+        fields = {base_name: base, CONSERVING: _conserving(base, coarse, joint), **fields}
     truth = truth.sel(time=coarse["time"])
     rows = []
     for name, field in fields.items():
@@ -138,7 +154,8 @@ def paired(label: str, coarse: xr.Dataset, truth: xr.Dataset, joint: Any, member
             m = ens.sizes["member"]
             spread = float(np.sqrt(ens.var("member", ddof=1).mean() * (m + 1) / m)) if m > 1 else np.nan
             row[f"spread_skill_{v}"] = spread / rmse
-        row["coupling"] = _coupling(field, base, mask) if name != base_name else float("nan")
+        bare = name in (base_name, CONSERVING)  # no regenerated details (its tas is the bilinear field)
+        row["coupling"] = float("nan") if bare else _coupling(field, base, mask)
         row["seconds_per_field"] = seconds.get(name, float("nan"))
         rows.append(row)
     rows.append({"method": "E-OBS (truth)", "coupling": _coupling(truth, base, mask)})
@@ -291,10 +308,11 @@ def _reading(results: list[dict], climate: dict) -> str:
     for result in results:
         rows = {r["method"]: r for r in result["rows"]}
         j, s, t, b = rows["joint CM"], rows["separate CMs"], rows["E-OBS (truth)"], result["rows"][0]
+        c = f"; {CONSERVING}: {rows[CONSERVING]['crps_pr']:.3f} mm/day" if CONSERVING in rows else ""
         out.append(
             f"* {result['label']}: joint CRPS {j['crps_pr']:.3f} mm/day and {j['crps_tas']:.3f} degC "
-            f"({b['method']}: {b['crps_pr']:.3f} and {b['crps_tas']:.3f}; separate CMs: {s['crps_pr']:.3f} "
-            f"and {s['crps_tas']:.3f}); coupling {j['coupling']:.2f} for the joint model, "
+            f"({b['method']}: {b['crps_pr']:.3f} and {b['crps_tas']:.3f}{c}; separate CMs: "
+            f"{s['crps_pr']:.3f} and {s['crps_tas']:.3f}); coupling {j['coupling']:.2f} for the joint model, "
             f"{s['coupling']:.2f} for separate models, {t['coupling']:.2f} in E-OBS."
         )
     rows = {r["method"]: r for r in climate["rows"]}
