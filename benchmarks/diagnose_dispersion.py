@@ -17,26 +17,13 @@ import warnings
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import CM_NAME, DATA, _mm, _paired_inputs
+from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, _mm, _paired_inputs, spread_skill
 
 import xdownscale
 from xdownscale.errors import XDownscaleWarning
 
 VALIDATION = slice("1996-12-01", "1997-02-28")
 BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 15.0), (15.0, np.inf))  # ensemble mean, mm/day
-
-
-def spread_skill(ens: xr.DataArray, truth: xr.DataArray, select: np.ndarray | None = None) -> tuple:
-    """(spread/skill, spread, RMSE of the mean, cells) over the finite cells (and ``select``)."""
-    m = ens.sizes["member"]
-    var = ens.var("member", ddof=1).values
-    err = (ens.mean("member") - truth).values
-    ok = np.isfinite(var) & np.isfinite(err)
-    if select is not None:
-        ok &= select
-    spread = float(np.sqrt(var[ok].mean() * (m + 1) / m))
-    skill = float(np.sqrt((err[ok] ** 2).mean()))
-    return spread / skill, spread, skill, int(ok.sum())
 
 
 def main() -> None:
@@ -70,7 +57,7 @@ def main() -> None:
                 model=cm, members=args.members, seed=0, progress=False, preserve=preserve
             )
         ens = _mm(out).load().where(mask)
-        logs = (np.log(ens + 0.1), np.log(truth + 0.1))
+        logs = (np.log(ens + LOG_OFFSET), np.log(truth + LOG_OFFSET))
         mean = ens.mean("member").values
         for lo, hi in ((0.0, np.inf), *BINS):
             select = (mean >= lo) & (mean < hi)

@@ -295,7 +295,7 @@ def _figure(
     for spectrum, label, style in (
         (spec_in, "input on the model grid", "C1-"),
         (spec_members, "downscaled members", "C3-"),
-        (model.target_psd, "model target (training data)", "k--"),
+        (model.target_psd, "training data, mean of all days (a climatology)", "k--"),
     ):
         ax.loglog(spectrum["wavenumber"], spectrum, style, label=label)
     if wavenumber is not None:
