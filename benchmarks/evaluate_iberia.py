@@ -385,13 +385,14 @@ def spread_skill(
     """(spread/skill, spread, RMSE of the ensemble mean, cells) over the finite cells (and ``select``):
     the spread with the finite-ensemble factor sqrt((m + 1) / m); NaN for a single member."""
     m = ens.sizes["member"]
-    var = ens.var("member", ddof=1).values if m > 1 else np.full(ens.isel(member=0).shape, np.nan)
     err = (ens.mean("member") - truth).values
-    ok = np.isfinite(err) & (np.isfinite(var) if m > 1 else True)
-    if select is not None:
-        ok &= select
-    spread = float(np.sqrt(var[ok].mean() * (m + 1) / m)) if m > 1 else float("nan")
+    ok = np.isfinite(err) if select is None else np.isfinite(err) & select
     skill = float(np.sqrt((err[ok] ** 2).mean()))
+    if m == 1:
+        return float("nan"), float("nan"), skill, int(ok.sum())
+    var = ens.var("member", ddof=1).values
+    ok &= np.isfinite(var)
+    spread = float(np.sqrt(var[ok].mean() * (m + 1) / m))
     return spread / skill, spread, skill, int(ok.sum())
 
 
@@ -545,7 +546,7 @@ def _paired_sweep_table(sweep: list[dict], bar: dict) -> list[str]:
     for r in sweep:
         lines.append(
             f"| {r['sigma']:.3g} | {r['factor']:g} | {r['crps']:.3f} | {r['rmse_mean']:.3f} | "
-            f"{r['spread_skill']:.2f} ({r.get('spread_skill_log', np.nan):.2f}) | "
+            f"{r['spread_skill']:.2f} ({r['spread_skill_log']:.2f}) | "
             f"{r['log_spectral_distance']:.3f} | {r['psd_factor_max']:.2f} |"
         )
     return lines
@@ -570,7 +571,7 @@ def _paired_sweep_reading(sweep: list[dict], bar: dict) -> str:
             "than a regenerated one, but it is smooth: the sweep trades the error of each day against a "
             "realistic spectrum, and the auto scale sits on the spectrum's side. "
         )
-    calibrated_log = [r for r in sweep if 0.8 <= r.get("spread_skill_log", np.nan) <= 1.2]
+    calibrated_log = [r for r in sweep if 0.8 <= r["spread_skill_log"] <= 1.2]
 
     def where(rows: list[dict]) -> str:
         return ", ".join(f"{r['factor']:g} x" for r in rows) or "no noise level of the sweep"
@@ -653,11 +654,7 @@ def _paired_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ss = (
-            "-"
-            if np.isnan(r["spread_skill"])
-            else f"{r['spread_skill']:.2f} ({r.get('spread_skill_log', np.nan):.2f})"
-        )
+        ss = "-" if np.isnan(r["spread_skill"]) else f"{r['spread_skill']:.2f} ({r['spread_skill_log']:.2f})"
         lines.append(
             f"| {r['method']} | {r['crps']:.3f} | {r['mae_mean']:.3f} | {r['rmse_mean']:.3f} | {ss} | "
             f"{r['mean_ratio']:.3f} | {r['wet_freq']:.3f} ({r['wet_freq_truth']:.3f}) | {r['p99']:.1f} "
