@@ -93,9 +93,13 @@ def test_cli_train_writes_model(tmp_path: Path, nc: list[Path]) -> None:
 
 
 def test_cli_train_sde_default_name(tmp_path: Path, nc: list[Path]) -> None:
-    result = CliRunner().invoke(main, ["train", "sde", str(nc[0].parent / "pr_*.nc"), *_args(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["train", "sde", str(nc[0].parent / "pr_*.nc"), *_args(tmp_path), "--static-inputs"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sde-pr-16x24.safetensors").is_file()
+    config = load_model(tmp_path / "sde-pr-16x24.json").card["architecture"]["config"]
+    assert config["static_channels"] == 3 and config["static_shape"] == [16, 24]
     assert load_model(tmp_path / "sde-pr-16x24.json").kind == "sde"
 
 

@@ -172,11 +172,29 @@ def _stop_at(step: int) -> Any:
     return callback
 
 
-@pytest.mark.parametrize(("kind", "loss"), [("cm", "ect"), ("cm", "ict"), ("cm", "ct"), ("sde", "dsm")])
-def test_resume_after_interruption_is_exact(tmp_path: Path, pr: xr.DataArray, kind: str, loss: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "loss", "static"),
+    [
+        ("cm", "ect", False),
+        ("cm", "ict", False),
+        ("cm", "ct", False),
+        ("sde", "dsm", False),
+        ("cm", "ect", True),
+    ],
+)
+def test_resume_after_interruption_is_exact(
+    tmp_path: Path, pr: xr.DataArray, kind: str, loss: str, static: bool
+) -> None:
     n = 5
     common = dict(
-        steps=2 * n, loss=loss, checkpoint_every=n, log_every=2, seed=7, lr_schedule="cosine", **TINY
+        steps=2 * n,
+        loss=loss,
+        checkpoint_every=n,
+        log_every=2,
+        seed=7,
+        lr_schedule="cosine",
+        static_inputs=static,
+        **TINY,
     )
     straight = train(kind, pr, "pr", tmp_path / "straight", **common)
     with pytest.raises(_Stop):
@@ -357,3 +375,28 @@ def test_train_on_eobs(tmp_path: Path, iberia_dir: Path) -> None:
     assert model.card["training"]["validation_period"] == ["2000-12-01", "2002-02-28"]
     assert 0.3 < float(model.mask.mean()) < 0.95
     assert float(model.reference_quantiles.max()) > 20  # mm/day: wet tail of Iberian winters
+
+
+def test_static_inputs_are_the_training_climatology_and_travel_with_the_model(
+    tmp_path: Path, pr: xr.DataArray
+) -> None:
+    from xdownscale.models.train import static_fields
+    from xdownscale.nets.unet import UNet
+    from xdownscale.transforms import LogNormalize
+
+    path = train("cm", pr, "pr", tmp_path / "run", steps=2, static_inputs=True, **TINY)
+    model = load_model(path)
+    config = model.card["architecture"]["config"]
+    assert config["static_channels"] == 3 and config["static_shape"] == [NY, NX]
+    # the per-cell time mean and standard deviation of the transformed training days (the first 36)
+    part = pr.values[:36]
+    tr = LogNormalize(eps=0.1, log=True).fit(pr.isel(time=slice(0, 36)))
+    y = np.asarray(tr.forward(part), dtype=np.float64)
+    expected = static_fields(part[:, None], [tr], model.mask)
+    land = model.mask
+    np.testing.assert_allclose(expected[0][land], np.nanmean(y[:, land], axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(expected[1][land], np.nanstd(y[:, land], axis=0), rtol=1e-5, atol=1e-6)
+    assert (expected[:, ~land] == 0).all() and (expected[2][land] == 1).all()
+    net = next(m for m in model.network.modules() if isinstance(m, UNet))
+    # stored as float16 like every weight
+    np.testing.assert_allclose(net.static.numpy(), expected, atol=2e-3, rtol=2e-3)

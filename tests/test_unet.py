@@ -247,3 +247,41 @@ def test_periodic_network_on_cuda_in_bf16_agrees_with_the_cpu() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = gpu(x.to("cuda"), labels.to("cuda")).float().cpu()
     assert ((out - ref).norm() / ref.norm()).item() < 5e-2
+
+
+def test_static_inputs_are_extra_input_channels_saved_with_the_weights() -> None:
+    """A network with fixed per-cell inputs equals a plain network whose input carries them as channels,
+    and they travel in the state dict (a rebuilt network from the config computes the same)."""
+    static = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(1))
+    net = randomise(UNet(static_channels=3, static_shape=(12, 20), **TINY), std=0.05).eval()
+    net.set_static(static)
+    plain = UNet(in_channels=4, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "static"})
+    x, labels = torch.randn(2, 1, 12, 20), torch.tensor([0.3, -0.4])
+    with torch.no_grad():
+        out = net(x, labels)
+        torch.testing.assert_close(out, plain(torch.cat([x, static.expand(2, -1, -1, -1)], 1), labels))
+        again = UNet(**json.loads(json.dumps(net.config))).eval()
+        assert not again.static.any()  # zeros until the weights are loaded
+        again.load_state_dict(net.state_dict())
+        torch.testing.assert_close(again(x, labels), out)
+        net.set_static(static.flip(-1))  # where the network is matters
+        assert not torch.allclose(net(x, labels), out)
+    assert net.config["static_channels"] == 3 and net.config["static_shape"] == [12, 20]
+    assert "static_channels" not in UNet(**TINY).config  # plain networks keep their old configuration
+
+
+def test_static_input_errors() -> None:
+    with pytest.raises(InputError, match=r"static_channels=2 needs static_shape=\(H, W\)"):
+        UNet(static_channels=2, **TINY)
+    net = UNet(static_channels=2, static_shape=(8, 8), **TINY)
+    with pytest.raises(InputError, match=r"fixed per-cell inputs for a 8 x 8 grid .* 8 x 16 field"):
+        net(torch.zeros(1, 1, 8, 16), torch.zeros(1))
+    with pytest.raises(
+        InputError, match=r"must have shape \(2, 8, 8\) \(static_channels, H, W\), got \(1, 8, 8\)"
+    ):
+        net.set_static(torch.zeros(1, 8, 8))
+    with pytest.raises(InputError, match="must be finite"):
+        net.set_static(torch.full((2, 8, 8), float("nan")))
+    with pytest.raises(InputError, match="has no static inputs"):
+        UNet(**TINY).set_static(torch.zeros(1, 8, 8))

@@ -118,6 +118,11 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--res-blocks", type=int, default=1)
+    parser.add_argument(
+        "--static-inputs",
+        action="store_true",
+        help="give the network the training data's per-cell climatology and the mask as fixed inputs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume", action="store_true")
@@ -160,6 +165,7 @@ def main() -> None:
         ema_decay=args.ema_decay,
         channels=channels,
         net={"num_res_blocks": args.res_blocks},
+        static_inputs=args.static_inputs,
         seed=args.seed,
         val_time=VALIDATION,
         checkpoint_every=args.val_every,

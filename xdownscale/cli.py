@@ -72,6 +72,12 @@ def _generative_options(func: Any) -> Any:
                 callback=_channels,
                 help="UNet channels per resolution level.",
             ),
+            click.option(
+                "--static-inputs",
+                is_flag=True,
+                help="Give the network the training period's per-cell mean, standard deviation and mask "
+                "as fixed inputs (it then runs on its own grid only).",
+            ),
             click.option("--lr", default=2e-4, show_default=True, type=float, help="RAdam learning rate."),
             click.option(
                 "--lr-schedule",

@@ -57,7 +57,7 @@ from .data import (
 from .io import read_safetensors, save_model, write_safetensors
 from .model import build_network
 
-__all__ = ["LOSSES", "train"]
+__all__ = ["LOSSES", "static_fields", "train"]
 
 #: losses per model kind; the first is the default
 LOSSES = {"cm": ("ect", "ict", "ct"), "sde": ("dsm",)}
@@ -116,12 +116,22 @@ def learning_rate(step: int, steps: int, lr: float, schedule: str) -> float:
 class _Trainer:
     """The mutable state of a run (networks, optimiser, generators) and how to save / restore it."""
 
-    def __init__(self, config: dict[str, Any], sigma: dict[str, Any], device: torch.device) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        sigma: dict[str, Any],
+        device: torch.device,
+        static: np.ndarray | None = None,
+    ) -> None:
         self.config = config
         self.device = device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config["seed"])
             self.model = build_network(config["kind"], config["architecture"], sigma).to(device)
+        if static is not None:
+            from ..nets.unet import UNet
+
+            next(m for m in self.model.modules() if isinstance(m, UNet)).set_static(static)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = (
             copy.deepcopy(self.model).eval().requires_grad_(False) if config["loss"] == "ct" else None
@@ -353,6 +363,7 @@ def train(
     batch_size: int = 32,
     channels: Sequence[int] = (16, 32, 32),
     net: Mapping[str, Any] | None = None,
+    static_inputs: bool = False,
     lr: float = 2e-4,
     lr_schedule: str = "constant",
     seed: int = 0,
@@ -414,6 +425,10 @@ def train(
     net
         Further ``UNet`` arguments (``num_res_blocks``, ``attention``, ``num_heads``, ``groups``,
         ``padding``, ``dropout``, ...); ``periodic`` is set from the grid.
+    static_inputs
+        Give the network fixed per-cell inputs beside the noisy field, so that it knows where it is: the
+        training period's mean and standard deviation of each variable in the transformed space, and the
+        mask (see :func:`static_fields`). Stored with the weights; the model then runs on its own grid only.
     val_time, val_fraction
         Held-out validation period: a time slice (``slice("1996-12", "1997-02")``, a pair or the string
         ``"1996-12/1997-02"``), or else the last ``val_fraction`` of the time steps (0: none).
@@ -489,6 +504,9 @@ def train(
         "periodic": bool(ts.grid.periodic),
         **({"noise_channels": len(ts.fields)} if joint else {}),
     }
+    static = static_fields(ts.train_phys, ts.transforms, ts.mask) if static_inputs else None
+    if static is not None:
+        arch |= {"static_channels": static.shape[0], "static_shape": list(static.shape[1:])}
     config: dict[str, Any] = {
         "kind": kind,
         "variable": ts.variable,
@@ -516,7 +534,8 @@ def train(
 
     # ---- run state: a new run, or the last checkpoint of the same one
     sigma = _sigma(kind)
-    trainer = _Trainer(config, sigma, dev)  # bad `net` arguments fail here, before anything is written
+    # bad `net` arguments fail here, before anything is written
+    trainer = _Trainer(config, sigma, dev, static)
     from ..nets.unet import UNet
 
     config["architecture"] = jsonable(next(m for m in trainer.model.modules() if isinstance(m, UNet)).config)
@@ -583,6 +602,37 @@ def train(
         dtype=dtype,
         variable_quantiles=dict(zip(ts.names, ref_values, strict=True)) if joint else None,
     )
+
+
+def static_fields(phys: np.ndarray, transforms: Sequence[Any], mask: np.ndarray) -> np.ndarray:
+    """The fixed per-cell inputs of a network trained with ``static_inputs=True``.
+
+    Parameters
+    ----------
+    phys
+        Training fields in physical units, shape (time, variable, y, x); NaN = missing.
+    transforms
+        Each variable's fitted transform (its ``forward`` maps physical units to the model space).
+    mask
+        Bool (y, x): the model's valid cells.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (2 * variables + 1, y, x), float32: per variable the time mean and the standard deviation
+        of the transformed fields, then the mask as 1 / 0; 0 outside the mask.
+    """
+    maps = []
+    for c, tr in enumerate(transforms):
+        y = np.asarray(tr.forward(phys[:, c]), dtype=np.float64)
+        valid = np.isfinite(y)
+        count = np.maximum(valid.sum(axis=0), 1)
+        mean = np.where(valid, y, 0.0).sum(axis=0) / count
+        var = np.where(valid, (y - mean) ** 2, 0.0).sum(axis=0) / count
+        maps += [mean, np.sqrt(var)]
+    out = np.stack([*maps, np.ones(mask.shape)]).astype(np.float32)
+    out[:, ~np.asarray(mask, dtype=bool)] = 0.0
+    return out
 
 
 def _checked_arguments(

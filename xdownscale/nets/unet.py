@@ -32,6 +32,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -230,6 +231,11 @@ class UNet(nn.Module):
     noise_channels
         1: one noise level per sample; ``out_channels``: one per output channel (a joint model of several
         variables, each noised to its own scale), embedded side by side.
+    static_channels, static_shape
+        Fixed per-cell inputs (e.g. the training data's climatology and the land mask) appended to every
+        input as further channels, so that the network knows where each cell is: ``static_channels``
+        maps of shape ``static_shape`` (H, W), held in the buffer ``static`` (saved with the weights;
+        zeros until set with :meth:`set_static`). A network with them runs on that grid only.
 
     Examples
     --------
@@ -239,6 +245,7 @@ class UNet(nn.Module):
     """
 
     fourier_freqs: Tensor
+    static: Tensor
 
     def __init__(
         self,
@@ -254,6 +261,8 @@ class UNet(nn.Module):
         emb_dim: int | None = None,
         dropout: float = 0.0,
         noise_channels: int = 1,
+        static_channels: int = 0,
+        static_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -279,6 +288,14 @@ class UNet(nn.Module):
                 f"UNet noise_channels must be 1 (one noise level per sample) or out_channels={out_channels} "
                 f"(one per variable), got {noise_channels}."
             )
+        if static_channels < 0 or (
+            static_channels > 0
+            and (static_shape is None or len(static_shape) != 2 or min(int(n) for n in static_shape) < 1)
+        ):
+            raise InputError(
+                f"UNet static_channels={static_channels} needs static_shape=(H, W) of the grid the fixed "
+                f"inputs belong to, got static_shape={static_shape!r}."
+            )
         ch0 = channels[0]
         emb_dim = int(emb_dim) if emb_dim is not None else 4 * ch0
         if emb_dim < 1:
@@ -295,6 +312,12 @@ class UNet(nn.Module):
         self.emb_dim = emb_dim
         self.dropout = float(dropout)
         self.noise_channels = int(noise_channels)
+        self.static_channels = int(static_channels)
+        self.static_shape = (
+            tuple(int(n) for n in static_shape) if static_channels and static_shape is not None else None
+        )
+        if self.static_shape is not None:
+            self.register_buffer("static", torch.zeros((self.static_channels, *self.static_shape)))
         kw: dict[str, Any] = {"periodic": self.periodic, "padding": padding}
         rkw: dict[str, Any] = {**kw, "groups": self.groups, "dropout": self.dropout}
 
@@ -305,7 +328,7 @@ class UNet(nn.Module):
             nn.Linear(2 * n_freq * self.noise_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
 
-        self.conv_in = _Conv3x3(in_channels, ch0, **kw)
+        self.conv_in = _Conv3x3(in_channels + self.static_channels, ch0, **kw)
         self.down = nn.ModuleList()
         skips = [ch0]
         cur = ch0
@@ -354,9 +377,27 @@ class UNet(nn.Module):
             "emb_dim": self.emb_dim,
             "dropout": self.dropout,
         }
-        if self.noise_channels != 1:  # one-channel models keep the configuration they were saved with
+        # models without these options keep the configuration they were saved with
+        if self.noise_channels != 1:
             config["noise_channels"] = self.noise_channels
+        if self.static_shape is not None:
+            config["static_channels"] = self.static_channels
+            config["static_shape"] = list(self.static_shape)
         return config
+
+    def set_static(self, values: Tensor | np.ndarray) -> None:
+        """Set the fixed per-cell inputs, shape ``(static_channels, H, W)`` (NaN not allowed)."""
+        if self.static_shape is None:
+            raise InputError("This UNet has no static inputs (static_channels=0); nothing to set.")
+        t = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        if tuple(t.shape) != tuple(self.static.shape):
+            raise InputError(
+                f"UNet static inputs must have shape {tuple(self.static.shape)} (static_channels, H, W), "
+                f"got {tuple(t.shape)}."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise InputError("UNet static inputs must be finite: fill masked cells (e.g. with 0) first.")
+        self.static.copy_(t.to(self.static.device))
 
     def embed(self, noise_labels: Tensor) -> Tensor:
         """Noise-level embedding, shape ``(B, emb_dim)`` (after the final SiLU), of labels of shape
@@ -387,6 +428,14 @@ class UNet(nn.Module):
                 f"UNet expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}."
             )
         b, _, height, width = x.shape
+        if self.static_shape is not None:
+            if (height, width) != self.static_shape:
+                raise InputError(
+                    f"This network has fixed per-cell inputs for a {self.static_shape[0]} x "
+                    f"{self.static_shape[1]} grid and cannot run on a {height} x {width} field: give it "
+                    "fields on the model's own grid."
+                )
+            x = torch.cat([x, self.static.to(x.dtype)[None].expand(b, -1, -1, -1)], dim=1)
         noise_labels = torch.as_tensor(noise_labels, device=x.device)
         if noise_labels.ndim == 0:
             noise_labels = noise_labels.expand(b)
