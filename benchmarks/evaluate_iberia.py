@@ -382,18 +382,14 @@ def _paired_inputs(truth: xr.DataArray, factor: int, days: int) -> tuple[xr.Data
 def spread_skill(
     ens: xr.DataArray, truth: xr.DataArray, select: np.ndarray | None = None
 ) -> tuple[float, float, float, int]:
-    """(spread/skill, spread, RMSE of the ensemble mean, cells) over the finite cells (and ``select``):
-    the spread with the finite-ensemble factor sqrt((m + 1) / m); NaN for a single member."""
-    m = ens.sizes["member"]
-    err = (ens.mean("member") - truth).values
-    ok = np.isfinite(err) if select is None else np.isfinite(err) & select
-    skill = float(np.sqrt((err[ok] ** 2).mean()))
-    if m == 1:
-        return float("nan"), float("nan"), skill, int(ok.sum())
-    var = ens.var("member", ddof=1).values
-    ok &= np.isfinite(var)
-    spread = float(np.sqrt(var[ok].mean() * (m + 1) / m))
-    return spread / skill, spread, skill, int(ok.sum())
+    """(spread/skill, spread, RMSE of the ensemble mean, cells) of :func:`xdownscale.metrics.spread_skill`
+    over the finite cells (and ``select``); NaN ratio and spread for a single member."""
+    if ens.sizes["member"] == 1:
+        err = (ens.isel(member=0, drop=True) - truth).values
+        ok = np.isfinite(err) if select is None else np.isfinite(err) & select
+        return float("nan"), float("nan"), float(np.sqrt((err[ok] ** 2).mean())), int(ok.sum())
+    r = metrics.spread_skill(ens, truth, where=select)
+    return float(r), r.attrs["spread"], r.attrs["rmse"], r.attrs["n_points"]
 
 
 def _paired_scores(

@@ -149,11 +149,9 @@ def paired(label: str, coarse: xr.Dataset, truth: xr.Dataset, joint: Any, member
             ens = field[v] if "member" in field[v].dims else field[v].expand_dims(member=[0])
             ens = ens.where(mask)
             row[f"crps_{v}"] = float(metrics.crps_ensemble(ens, truth[v].where(mask), mean=...))
-            err = ens.mean("member") - truth[v].where(mask)
-            rmse = float(np.sqrt((err**2).mean()))
-            m = ens.sizes["member"]
-            spread = float(np.sqrt(ens.var("member", ddof=1).mean() * (m + 1) / m)) if m > 1 else np.nan
-            row[f"spread_skill_{v}"] = spread / rmse
+            row[f"spread_skill_{v}"] = (
+                float(metrics.spread_skill(ens, truth[v].where(mask))) if ens.sizes["member"] > 1 else np.nan
+            )
         bare = name in (base_name, CONSERVING)  # no regenerated details (its tas is the bilinear field)
         row["coupling"] = float("nan") if bare else _coupling(field, base, mask)
         row["seconds_per_field"] = seconds.get(name, float("nan"))

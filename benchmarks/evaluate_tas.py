@@ -80,7 +80,6 @@ def _scores(field: xr.DataArray, truth: xr.DataArray, cm: Any) -> dict[str, floa
     err = mean - truth
     rmse = float(np.sqrt((err**2).mean()))
     m = ens.sizes["member"]
-    spread = float(np.sqrt(ens.var("member", ddof=1).mean())) * np.sqrt((m + 1) / m) if m > 1 else np.nan
     truth_psd, out_psd = _log_psd(truth, cm), _log_psd(ens, cm)
     ok = np.isfinite(truth_psd) & np.isfinite(out_psd)
     return {
@@ -88,7 +87,7 @@ def _scores(field: xr.DataArray, truth: xr.DataArray, cm: Any) -> dict[str, floa
         "mae_mean": float(np.abs(err).mean()),
         "rmse_mean": rmse,
         "bias": float(err.mean()),
-        "spread_skill": spread / rmse if m > 1 else float("nan"),
+        "spread_skill": float(metrics.spread_skill(ens, truth)) if m > 1 else float("nan"),
         "log_spectral_distance": float(np.sqrt(np.mean((out_psd[ok] - truth_psd[ok]) ** 2))),
         "members": m,
         "days": int(field.sizes["time"]),

@@ -26,6 +26,7 @@ from xdownscale.metrics import (
     pooled_correlation,
     quantile_abs_error,
     rank_histogram,
+    spread_skill,
     wasserstein,
 )
 from xdownscale.xr.spectra import lowpass
@@ -439,3 +440,50 @@ def test_pooled_correlation_by_conservative_regridding_for_any_ratio():
     assert float(pooled_correlation(fine, coarse, factor=None)) == pytest.approx(1.0, abs=1e-6)
     noisy = fine + 5.0 * np.random.default_rng(0).random(fine.shape)
     assert float(pooled_correlation(noisy, coarse, factor=None)) < 0.99
+
+
+def test_spread_skill_matches_its_definition_and_leaves_nan_out():
+    rng = np.random.default_rng(0)
+    truth = xr.DataArray(rng.normal(size=(50, 6)), dims=("y", "x"))
+    ens = xr.DataArray(rng.normal(size=(4, 50, 6)), dims=("member", "y", "x"))
+    r = spread_skill(ens, truth)
+    spread = np.sqrt(ens.values.var(axis=0, ddof=1).mean() * 5 / 4)
+    rmse = np.sqrt(((ens.values.mean(0) - truth.values) ** 2).mean())
+    assert r.attrs["spread"] == pytest.approx(spread) and r.attrs["rmse"] == pytest.approx(rmse)
+    assert float(r) == pytest.approx(spread / rmse) and r.attrs["n_points"] == 300
+    # a NaN observation or member drops the point; ``where`` selects points
+    holed = ens.copy(data=ens.values.copy())
+    holed[1, 0, 0] = np.nan
+    assert spread_skill(holed, truth.where(truth.x != 5)).attrs["n_points"] == 300 - 50 - 1
+    select = ens.mean("member").values > 0
+    picked = spread_skill(ens, truth, where=select)
+    assert picked.attrs["n_points"] == select.sum()
+    assert float(picked) == pytest.approx(float(spread_skill(ens.where(select), truth.where(select))))
+    # members transposed after the other dims: same score
+    assert float(spread_skill(ens.transpose("y", "x", "member"), truth)) == pytest.approx(float(r))
+
+
+def test_spread_skill_of_a_calibrated_ensemble_is_one():
+    """Truth and members drawn from the same distribution around a shared signal: the ratio is 1 for any
+    ensemble size (the finite-ensemble factor), within sampling error."""
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=40_000) * 3.0
+    for m in (2, 5, 20):
+        truth = xr.DataArray(signal + rng.normal(size=signal.size), dims="x")
+        ens = xr.DataArray(signal[:, None] + rng.normal(size=(signal.size, m)), dims=("x", "member"))
+        assert float(spread_skill(ens, truth)) == pytest.approx(1.0, abs=0.02)
+        # members twice as far from the signal: spread^2 = 4 (m + 1) / m, error^2 = 1 + 4 / m
+        wide = ens.copy(data=signal[:, None] + 2.0 * (ens.values - signal[:, None]))
+        expected = np.sqrt(4.0 * (m + 1) / (m + 4))
+        assert float(spread_skill(wide, truth)) == pytest.approx(expected, abs=0.03)
+
+
+def test_spread_skill_errors():
+    ens = xr.DataArray(np.zeros((3, 2)), dims=("x", "member"))
+    obs = xr.DataArray(np.zeros(3), dims="x")
+    with pytest.raises(InputError, match="has 1 member along 'member'; a spread needs at least 2"):
+        spread_skill(ens.isel(member=[0]), obs)
+    with pytest.raises(InputError, match=r"where= has shape \(2,\); expected that of the observations"):
+        spread_skill(ens, obs, where=np.ones(2, dtype=bool))
+    with pytest.raises(InputError, match=r"spread_skill: .* has no member dimension 'ens'"):
+        spread_skill(ens, obs, member_dim="ens")

@@ -17,7 +17,7 @@ coordinates may differ by rounding (:class:`~xdownscale.errors.GridMismatchError
 * :func:`pooled_correlation`, :func:`lowpass_correlation` - do the large scales of the ESM survive?
 * :func:`mean_abs_error`, :func:`quantile_abs_error`, :func:`error_reduction` - climatological bias;
 * :func:`histogram`, :func:`latitude_profile`, :func:`wasserstein` - distributions;
-* :func:`crps_ensemble`, :func:`rank_histogram` - ensembles.
+* :func:`crps_ensemble`, :func:`rank_histogram`, :func:`spread_skill` - ensembles.
 
 Examples
 --------
@@ -58,6 +58,7 @@ __all__ = [
     "pooled_correlation",
     "quantile_abs_error",
     "rank_histogram",
+    "spread_skill",
     "wasserstein",
 ]
 
@@ -684,4 +685,84 @@ def rank_histogram(
         coords={"rank": np.arange(m + 1)},
         name="rank_histogram",
         attrs={"n_points": int(y.size)},
+    )
+
+
+def spread_skill(
+    ensemble: xr.DataArray,
+    obs: xr.DataArray,
+    member_dim: str = "member",
+    *,
+    where: xr.DataArray | np.ndarray | None = None,
+) -> xr.DataArray:
+    """Spread/skill ratio of an ensemble: its spread over the RMSE of its mean; 1 is calibrated.
+
+    ``sqrt((m + 1) / m * mean(var)) / sqrt(mean((mean_member - obs) ** 2))`` with the members' variance
+    ``var`` (ddof=1) and the means over all points: the factor ``(m + 1) / m`` makes a calibrated ensemble
+    of ``m`` members score 1 (Fortin et al. 2014). Above 1 the ensemble is over-dispersed (too wide),
+    below 1 under-dispersed. Points where the observation or any member is NaN are left out.
+
+    Parameters
+    ----------
+    ensemble
+        Members along ``member_dim`` (at least 2).
+    obs
+        Observations with the other dims of ``ensemble``.
+    member_dim
+        Name of the ensemble dimension.
+    where
+        Optional boolean selection of the points to score: a DataArray over the dims of ``obs``, or an
+        array over the ensemble's other dims in their order (``ensemble.mean(member_dim).values > 15``:
+        only the cells where the ensemble mean exceeds 15 mm/day).
+
+    Returns
+    -------
+    xarray.DataArray
+        The ratio (0-d); ``attrs`` ``spread`` and ``rmse`` (in the units of ``obs``) and ``n_points``.
+
+    Raises
+    ------
+    InputError
+        ``ensemble`` has no ``member_dim`` or a single member, ``obs`` has one, or ``where`` has another
+        shape.
+    GridMismatchError
+        ``obs`` and ``ensemble`` differ in dimensions, sizes or coordinates.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> ens = xr.DataArray([[0.0, 2.0], [1.0, 3.0]], dims=("x", "member"))
+    >>> round(float(spread_skill(ens, xr.DataArray([0.0, 4.0], dims="x"))), 4)
+    1.0954
+
+    References
+    ----------
+    Fortin, V., Abaza, M., Anctil, F., Turcotte, R. (2014): Why should ensemble spread match the RMSE of
+    the ensemble mean? J. Hydrometeorology 15, 1708-1713.
+    """
+    ensemble, obs = _check_ensemble(ensemble, obs, member_dim, "spread_skill")
+    m = ensemble.sizes[member_dim]
+    if m < 2:
+        raise InputError(
+            f"spread_skill: {_label(ensemble)} has {m} member along '{member_dim}'; a spread needs at "
+            "least 2."
+        )
+    dims = [d for d in ensemble.dims if d != member_dim]
+    x = np.asarray(ensemble.transpose(*dims, member_dim).values, dtype=np.float64)
+    y = np.asarray(obs.transpose(*dims).values, dtype=np.float64)
+    ok = np.isfinite(y) & np.isfinite(x).all(axis=-1)
+    if where is not None:
+        select = np.asarray(where.transpose(*dims).values if isinstance(where, xr.DataArray) else where)
+        if select.shape != y.shape:
+            raise InputError(
+                f"spread_skill: where= has shape {select.shape}; expected that of the observations {y.shape} "
+                f"(dims {tuple(map(str, dims))})."
+            )
+        ok &= select.astype(bool)
+    x, y = x[ok], y[ok]
+    rmse = float(np.sqrt(np.mean((x.mean(axis=-1) - y) ** 2))) if y.size else float("nan")
+    spread = float(np.sqrt(np.mean(x.var(axis=-1, ddof=1)) * (m + 1) / m)) if y.size else float("nan")
+    ratio = spread / rmse if rmse > 0 else float("nan")
+    return xr.DataArray(
+        ratio, name="spread_skill", attrs={"spread": spread, "rmse": rmse, "n_points": int(y.size)}
     )
