@@ -4,22 +4,32 @@ E-OBS days of the validation winter 1996/97 (inside the training period, never t
 averaged over 4 x 4 blocks (1 deg), downscaled back with 8 members at the auto scale, with and without
 ``preserve``, and the spread/skill ratio is computed per bin of the ensemble mean's intensity, in mm/day
 and in log space (log(x + 0.1 mm/day)): the spread (with the finite-ensemble factor) against the RMSE of
-the ensemble mean; 1 is calibrated. The numbers back the "over-dispersed ensembles" entry of
-docs/limitations.md.
+the ensemble mean; 1 is calibrated. The CRPS per bin says what the dispersion costs. The numbers back
+the "over-dispersed ensembles" entry of docs/limitations.md.
+
+Then, on the network alone (the training validation's inputs: the same days coarse-grained, bilinear,
+low-passed, in the transformed space), how much of the members' spread is the injected noise passing
+straight through: the correlation, cell by cell, of each member's departure from the ensemble mean with
+its noise's departure from the mean noise, and the share of the departures' variance that this linear
+part explains (the square of the correlation). A perfect consistency model maps the noise to new
+structure; noise that passes through is spread that follows nothing in the data.
 
     python benchmarks/diagnose_dispersion.py            # under a minute on 2 cores
+    python benchmarks/diagnose_dispersion.py --model runs/NAME/NAME.safetensors   # a candidate model
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from typing import Any
 
 import numpy as np
 import xarray as xr
 from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, _mm, _paired_inputs, spread_skill
 
 import xdownscale
+from xdownscale import metrics
 from xdownscale.errors import XDownscaleWarning
 
 VALIDATION = slice("1996-12-01", "1997-02-28")
@@ -32,8 +42,11 @@ def main() -> None:
     )
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--days", type=int, default=90)
+    parser.add_argument(
+        "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
+    )
     args = parser.parse_args()
-    cm = xdownscale.load_model(CM_NAME)
+    cm = xdownscale.load_model(args.model)
     path = DATA / "eobs_0.25deg_tp_djf1991-2000.nc"
     if not path.exists():
         raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
@@ -42,14 +55,14 @@ def main() -> None:
     mask = cm.grid["mask"]
     truth = truth.where(mask)
     print(
-        f"{CM_NAME}, validation winter, 1 deg perfect model, {args.members} members, "
+        f"{args.model}, validation winter, 1 deg perfect model, {args.members} members, "
         f"{truth.sizes['time']} days"
     )
     print(
-        "| preserve | ensemble mean, mm/day | cells | spread/skill (mm/day) | spread | RMSE of mean | "
-        "spread/skill (log) | spread | RMSE of mean |"
+        "| preserve | ensemble mean, mm/day | cells | CRPS, mm/day | spread/skill (mm/day) | spread | "
+        "RMSE of mean | spread/skill (log) | spread | RMSE of mean |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for preserve in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", XDownscaleWarning)
@@ -59,14 +72,44 @@ def main() -> None:
         ens = _mm(out).load().where(mask)
         logs = (np.log(ens + LOG_OFFSET), np.log(truth + LOG_OFFSET))
         mean = ens.mean("member").values
+        crps = metrics.crps_ensemble(ens, truth).transpose(*ens.mean("member").dims).values
         for lo, hi in ((0.0, np.inf), *BINS):
             select = (mean >= lo) & (mean < hi)
             r, s, k, n = spread_skill(ens, truth, select)
             rl, sl, kl, _ = spread_skill(*logs, select)
             print(
-                f"| {preserve} | {lo:g}-{hi:g} | {n} | {r:.2f} | {s:.3f} | {k:.3f} | {rl:.2f} | {sl:.3f} | "
+                f"| {preserve} | {lo:g}-{hi:g} | {n} | {np.nanmean(crps[select]):.3f} | {r:.2f} | {s:.3f} | "
+                f"{k:.3f} | {rl:.2f} | {sl:.3f} | "
                 f"{kl:.3f} |"
             )
+    corr, share, sigma = noise_passing_through(cm, truth, args.members)
+    print(
+        f"Network alone (sigma {sigma:.3f}, transformed space): members' departures correlate {corr:.2f} "
+        f"with their noise's; the noise passing through explains {share:.0%} of their variance."
+    )
+
+
+def noise_passing_through(cm: Any, days: xr.DataArray, members: int) -> tuple[float, float, float]:
+    """(correlation of member departures with noise departures, explained share, sigma) of the network
+    on the perfect-model validation inputs of ``days``."""
+    import torch
+
+    from xdownscale.models.validation import PerfectModelValidation
+
+    check = PerfectModelValidation(days, cm.transform, cm.target_psd, cm.mask, max_fields=days.sizes["time"])
+    x = torch.from_numpy(check.inputs[:, None])
+    gen = torch.Generator().manual_seed(0)
+    outs, noises = [], []
+    with torch.no_grad():
+        for _ in range(members):
+            z = torch.randn(x.shape, generator=gen)
+            outs.append(cm.network(x + check.sigma * z, check.sigma).numpy())
+            noises.append(z.numpy())
+    out, noise = np.stack(outs), np.stack(noises)
+    d_out = (out - out.mean(axis=0))[..., cm.mask].ravel()
+    d_noise = (noise - noise.mean(axis=0))[..., cm.mask].ravel()
+    corr = float(np.corrcoef(d_out, d_noise)[0, 1])
+    return corr, corr**2, check.sigma
 
 
 if __name__ == "__main__":

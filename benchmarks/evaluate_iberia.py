@@ -958,7 +958,7 @@ def _paired_verdict(rows: list[dict]) -> list[str]:
 
 def _training_section() -> list[str]:
     """The shipped CM's training record: the perfect-model validation curve stored in its card."""
-    card = json.loads((ROOT / "weights" / f"{CM_NAME}.json").read_text())
+    card = _read_card(CM_NAME)
     record = card.get("training", {}).get("validation")
     if not record or not record.get("curve"):
         return []
@@ -999,17 +999,24 @@ def _training_section() -> list[str]:
     ]
 
 
+def _read_card(name: str) -> dict[str, Any]:
+    """The JSON card of shipped model ``name``."""
+    return json.loads((ROOT / "weights" / f"{name}.json").read_text())
+
+
 def _model_sizes() -> str:
     """The two shipped networks and their training, from the cards (the SDE baseline is only the CM's
     equal if they match)."""
-    cards = {n: json.loads((ROOT / "weights" / f"{n}.json").read_text()) for n in (CM_NAME, SDE_NAME)}
+    cards = {n: _read_card(n) for n in (CM_NAME, SDE_NAME)}
     channels = {n: c["architecture"]["config"]["channels"] for n, c in cards.items()}
 
     def size(name: str) -> str:
         t = cards[name]["training"]
+        static = cards[name]["architecture"]["config"].get("static_channels", 0)
         return (
             f"channels {','.join(map(str, channels[name]))}, {t['steps']} steps of batch {t['batch_size']}, "
-            f"{t['wall_time_s'] / 60:.0f} min"
+            f"{t['wall_time_s'] / 60:.0f} min, "
+            + ("with static inputs (per-cell climatology and mask)" if static else "no static inputs")
         )
 
     smaller = sum(channels[SDE_NAME]) < sum(channels[CM_NAME])
@@ -1020,7 +1027,7 @@ def _model_sizes() -> str:
 
 def _wet_min() -> float:
     """The shipped CM's dry threshold, in mm/day (from its card)."""
-    card = json.loads((ROOT / "weights" / f"{CM_NAME}.json").read_text())
+    card = _read_card(CM_NAME)
     return float(card["variable"]["transform"]["wet_min"])
 
 

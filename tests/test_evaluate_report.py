@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,3 +129,21 @@ def test_spread_skill_of_the_report_is_the_library_score(evaluate: ModuleType) -
     single = evaluate.spread_skill(ens.isel(member=[0]), truth)  # a deterministic row: no spread
     assert math.isnan(single[0]) and single[3] == 300
     assert single[2] == pytest.approx(np.sqrt(((ens.values[0] - truth.values) ** 2).mean()))
+
+
+def test_the_page_says_which_network_sees_static_inputs(evaluate: ModuleType, monkeypatch: Any) -> None:
+    cards = {
+        evaluate.CM_NAME: {"static_channels": 3, "static_shape": [41, 61]},
+        evaluate.SDE_NAME: {},
+    }
+
+    def card(name: str) -> dict[str, Any]:
+        return {
+            "architecture": {"config": {"channels": [32, 64, 64], **cards[name]}},
+            "training": {"steps": 2000, "batch_size": 16, "wall_time_s": 1560.0},
+        }
+
+    monkeypatch.setattr(evaluate, "_read_card", card)
+    line = evaluate._model_sizes()
+    assert "CM channels 32,64,64, 2000 steps of batch 16, 26 min, with static inputs" in line
+    assert "SDE channels 32,64,64, 2000 steps of batch 16, 26 min, no static inputs." in line
