@@ -79,8 +79,7 @@ def main() -> None:
             rl, sl, kl, _ = spread_skill(*logs, select)
             print(
                 f"| {preserve} | {lo:g}-{hi:g} | {n} | {np.nanmean(crps[select]):.3f} | {r:.2f} | {s:.3f} | "
-                f"{k:.3f} | {rl:.2f} | {sl:.3f} | "
-                f"{kl:.3f} |"
+                f"{k:.3f} | {rl:.2f} | {sl:.3f} | {kl:.3f} |"
             )
     corr, share, sigma = noise_passing_through(cm, truth, args.members)
     print(
