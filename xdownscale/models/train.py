@@ -129,9 +129,7 @@ class _Trainer:
             torch.manual_seed(config["seed"])
             self.model = build_network(config["kind"], config["architecture"], sigma).to(device)
         if static is not None:
-            from ..nets.unet import UNet
-
-            next(m for m in self.model.modules() if isinstance(m, UNet)).set_static(static)
+            self.backbone.set_static(static)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher = (
             copy.deepcopy(self.model).eval().requires_grad_(False) if config["loss"] == "ct" else None
@@ -146,6 +144,13 @@ class _Trainer:
         # training loss summed since it was last logged (kept in checkpoints so logs resume exactly)
         self.running = torch.zeros((), device=device)
         self.n_running = 0
+
+    @property
+    def backbone(self) -> Any:
+        """The UNet inside the trained model's wrapper (whose ``config`` the card stores)."""
+        from ..nets.unet import UNet
+
+        return next(m for m in self.model.modules() if isinstance(m, UNet))
 
     def loss(
         self, x0: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, step: int
@@ -536,9 +541,7 @@ def train(
     sigma = _sigma(kind)
     # bad `net` arguments fail here, before anything is written
     trainer = _Trainer(config, sigma, dev, static)
-    from ..nets.unet import UNet
-
-    config["architecture"] = jsonable(next(m for m in trainer.model.modules() if isinstance(m, UNet)).config)
+    config["architecture"] = jsonable(trainer.backbone.config)
     _start_or_resume(trainer, out, config, resume)
 
     # ---- tensors on the device (masked / missing cells: 0 and excluded from the loss)
