@@ -105,7 +105,9 @@ def test_joint_training_validates_every_variable_in_the_perfect_model(
         assert scores["crps"] > 0 and scores["bilinear_mae"] > 0
     relative = np.mean([s["crps"] / s["bilinear_mae"] for s in validation["per_variable"].values()])
     assert validation["crps"] == pytest.approx(relative) and validation["bilinear_mae"] == 1.0
-    assert "each coarse grid's scale (sigma pr" in validation["metric"]
+    assert (
+        "each at its own scale (sigma pr" in validation["metric"] and "preserve=True" in validation["metric"]
+    )
 
 
 def test_joint_training_errors(tmp_path: Path) -> None:

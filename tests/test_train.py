@@ -390,7 +390,8 @@ def test_static_inputs_are_the_training_climatology_and_travel_with_the_model(
     assert config["static_channels"] == 3 and config["static_shape"] == [NY, NX]
     # the per-cell time mean and standard deviation of the transformed training days (the first 36)
     part = pr.values[:36]
-    tr = LogNormalize(eps=0.1, log=True).fit(pr.isel(time=slice(0, 36)))
+    assert model.transform.eps == 1.0  # the default log offset, mm/day
+    tr = LogNormalize(eps=1.0, log=True).fit(pr.isel(time=slice(0, 36)))
     y = np.asarray(tr.forward(part), dtype=np.float64)
     expected = static_fields(part[:, None], [tr], model.mask)
     land = model.mask

@@ -1,9 +1,9 @@
 """Train the shipped E-OBS Iberia models (consistency model, VE-SDE baseline), precipitation or temperature.
 
-    python weights/train_iberia.py --kind cm --steps 3000
-    python weights/train_iberia.py --kind sde --steps 3000
+    python weights/train_iberia.py --kind cm --steps 2000 --static-inputs
+    python weights/train_iberia.py --kind sde --steps 2500 --lr-schedule constant --eps 0.1
     python weights/train_iberia.py --kind cm --variable tas --steps 4000 --channels 32,48,48
-    python weights/train_iberia.py --kind cm --variable pr+tas --steps 6000 --channels 32,48,48
+    python weights/train_iberia.py --kind cm --variable pr+tas --steps 6000 --channels 32,48,48 --eps 0.1
 
 Data (not part of the repository), in ``../shared/data/iberia/``:
 
@@ -123,6 +123,18 @@ def main() -> None:
         action="store_true",
         help="give the network the training data's per-cell climatology and the mask as fixed inputs",
     )
+    parser.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="pr: offset of the log transform, mm/day (default: xdownscale.train's, 1)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="checkpoints kept (one per --val-every steps; more lets you compare steps afterwards)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume", action="store_true")
@@ -169,7 +181,9 @@ def main() -> None:
         seed=args.seed,
         val_time=VALIDATION,
         checkpoint_every=args.val_every,
+        keep_checkpoints=args.keep_checkpoints,
         val_every=args.val_every,
+        **({} if args.eps is None else {"eps": args.eps}),
         resume=args.resume,
         device=args.device,
         licence=LICENCE,

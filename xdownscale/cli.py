@@ -117,7 +117,7 @@ def _generative_options(func: Any) -> Any:
             ),
             click.option(
                 "--eps",
-                default=0.1,
+                default=1.0,
                 show_default=True,
                 type=float,
                 help="Offset of the log transform for precipitation, in mm/day.",

@@ -386,7 +386,7 @@ def train(
     resume: bool = False,
     device: str | torch.device | None = None,
     units: str | Mapping[str, str] | None = None,
-    eps: float = 0.1,
+    eps: float = 1.0,
     nquantiles: int = NQUANTILES,
     version: str = "0.1.0",
     licence: str | None = None,
@@ -451,7 +451,10 @@ def train(
     log_every, val_every, val_samples
         Training loss averaged and logged every N steps; validation loss on at most ``val_samples``
         held-out fields (fixed noise, so values are comparable) every ``val_every`` steps (default:
-        ``checkpoint_every``) and at the end.
+        ``checkpoint_every``) and at the end. A consistency model is also scored there as users will
+        call it (:class:`~xdownscale.models.validation.PerfectModelValidation`: held-out fields
+        coarse-grained 4x, downscaled back at ``scale="auto"`` with ``preserve=True``, ensemble CRPS
+        against the truth); the EMA weights of the step with the lowest CRPS are the model's.
     resume
         Continue from the last checkpoint in ``out`` (the configuration must be the same).
     device
@@ -462,7 +465,10 @@ def train(
     eps
         Offset of the log transform ``log(x + eps) - log(eps)`` for precipitation, in the model's
         units (mm/day). Hess et al. use 1e-4 on ERA5 precipitation, stored in metres: 0.1 mm/day.
-        Much smaller values make dry/wet edges dominate the transformed fields and their spectra.
+        Smaller values make dry/wet edges and drizzle dominate the transformed fields, the loss and the
+        spectra; 1 mm/day (the default) gives wet days more of the network: on E-OBS Iberia its
+        validation CRPS was 16-19% lower than with 0.1 at every validation step from 500 to 2000
+        (same recipe, 2000 steps, scored without ``preserve``).
     nquantiles
         Number of per-cell reference quantiles stored for quantile delta mapping.
     version, licence, description

@@ -2,12 +2,15 @@
 
 The training loss says how well the network fits the consistency condition, not whether downscaling
 works. Here the validation fields themselves are coarse-grained (sea-aware block means of ``factor x
-factor`` cells), brought back to the fine grid the way the downscaling pipeline brings an ESM field
-(nearest fill of coarse cells without land, bilinear interpolation, low-pass at the coarse grid's
-Nyquist wavenumber), noised at the coarse grid's scale (sigma from the model's target spectrum) and
-denoised in one network call per member. The score is the ensemble CRPS against the true fine fields in
-physical units (mm/day for precipitation), over the model's valid cells; the bilinear field's mean
-absolute error is the bar to beat (a deterministic forecast's CRPS is its MAE).
+factor`` cells) and downscaled back the way a user's default ``.downscale.cm`` call would: brought to the
+fine grid like an ESM field (nearest fill of coarse cells without land, bilinear interpolation, nearest
+values beyond the outermost coarse cell centres, low-pass at the coarse grid's Nyquist wavenumber),
+noised at the scale ``scale="auto"`` picks for them (their spectrum against the model's target
+spectrum, :func:`xdownscale.xr.spectra.select_scale`), denoised in one network call per member, and with
+the default ``preserve=True`` (precipitation: each coarse cell's mean restored; other variables: the
+low-pass at the coarse grid's Nyquist wavenumber). The score is the ensemble CRPS against the true fine
+fields in physical units (mm/day for precipitation), over the model's valid cells; the bilinear field's
+mean absolute error is the bar to beat (a deterministic forecast's CRPS is its MAE).
 
 The inputs are built once with the xarray adapters (no torch there); scoring runs on torch tensors.
 """
@@ -44,6 +47,12 @@ class PerfectModelValidation:
         At most this many evenly spaced fields are used (validation cost).
     seed
         Seed of the (fixed) validation noise, so scores of different steps are comparable.
+    auto_scale
+        Noise at the scale ``scale="auto"`` picks for the coarse-grained fields (True) or at the coarse
+        grid's Nyquist wavenumber (False).
+    preserve
+        Restore the coarse fields' large scales in the members before scoring, as the default
+        ``preserve=True`` of ``.downscale`` does.
     """
 
     def __init__(
@@ -57,18 +66,22 @@ class PerfectModelValidation:
         members: int = 4,
         max_fields: int = 32,
         seed: int = 0,
+        auto_scale: bool = True,
+        preserve: bool = True,
     ) -> None:
         from ..core.spectra import fill_nearest
         from ..xr.regrid import regrid
-        from ..xr.spectra import Scale, lowpass, upscale
+        from ..xr.spectra import Scale, lowpass, masked_estimator, psd, select_scale, upscale
 
         time = fields.dims[0]
         n = fields.sizes[time]
         keep = np.unique(np.linspace(0, n - 1, min(n, max_fields)).round().astype(int))
         truth = fields.isel({time: keep}).astype(np.float64).load()
         coarse = upscale(truth, factor)
+        self._coarse = coarse
         coarse = coarse.copy(data=fill_nearest(coarse.values))
         fine = regrid(coarse, truth, method="bilinear")
+        fine = fine.copy(data=fill_nearest(fine.values))  # beyond the outermost coarse centres: nearest
         wavenumber = 0.5 / factor
         fine = lowpass(fine, wavenumber)
         if transform.log:
@@ -81,10 +94,20 @@ class PerfectModelValidation:
         self.mask = np.asarray(mask, dtype=bool)
         self.truth = np.asarray(truth.values, dtype=np.float64)
         self.bilinear = np.asarray(fine.values, dtype=np.float64)
-        sigma = Scale.from_wavenumber(wavenumber, psd=target_psd).sigma
-        assert sigma is not None  # from_wavenumber with a psd always sets it
-        self.sigma = float(sigma)
+        self.wavenumber = wavenumber
+        self.preserve = bool(preserve)
+        self._fine = fine.where(self.mask)
         x = np.asarray(transform.forward(self.bilinear), dtype=np.float32)
+        if auto_scale:  # as scale="auto" does: the inputs' spectrum in the transformed space
+            spectrum = psd(
+                fine.copy(data=np.where(self.mask, x, np.nan)), masked=masked_estimator(target_psd)
+            )
+            scale = select_scale(target_psd, spectrum, input_wavenumber=wavenumber)
+        else:
+            scale = Scale.from_wavenumber(wavenumber, psd=target_psd)
+        assert scale.sigma is not None  # both set it from the target spectrum
+        self.sigma = float(scale.sigma)
+        self.scale_wavenumber = scale.wavenumber
         self.inputs = np.where(np.isfinite(x) & self.mask, x, 0.0).astype(np.float32)
         valid = np.isfinite(self.truth) & self.mask & np.isfinite(self.bilinear)
         self.valid = valid
@@ -108,15 +131,21 @@ class PerfectModelValidation:
     @property
     def metric(self) -> str:
         """What :meth:`score` measures, for the model card."""
+        where = (
+            f"at scale='auto' (k {self.scale_wavenumber:.4g} cycles/cell, sigma {self.sigma:.4g})"
+            if self.scale_wavenumber is not None and self.scale_wavenumber != self.wavenumber
+            else f"at the coarse grid's scale (sigma {self.sigma:.4g})"
+        )
+        kept = ", preserve=True" if self.preserve else ", preserve=False"
         return (
-            f"perfect model: validation fields coarse-grained {self.factor}x, downscaled back at the coarse "
-            f"grid's scale (sigma {self.sigma:.4g}), {self.members} members, scored against the true fields"
+            f"perfect model: validation fields coarse-grained {self.factor}x, downscaled back {where}"
+            f"{kept}, {self.members} members, scored against the true fields"
         )
 
     def score_samples(self, samples: np.ndarray) -> dict[str, float]:
         """The scores of :meth:`score` for the members ``samples`` (fields, members, y, x), given in the
         transformed space."""
-        phys = np.asarray(self.transform.inverse(samples, dry=True), dtype=np.float64)
+        phys = self.physical(samples)
         truth = self.truth[:, None]
         valid = np.broadcast_to(self.valid[:, None], phys.shape)
         skill = np.abs(phys - truth).mean(axis=1)
@@ -138,6 +167,34 @@ class PerfectModelValidation:
             "mean_ratio": float(phys[valid].mean()) / truth_mean if truth_mean > 0 else float("nan"),
             "bilinear_mae": self.bilinear_mae,
         }
+
+    def physical(self, samples: np.ndarray) -> np.ndarray:
+        """Members ``samples`` (fields, members, y, x) of the transformed space in physical units, as the
+        default downscaling call returns them: with ``preserve``, the coarse fields' large scales restored
+        by :func:`xdownscale.xr.preserve.preserve_large_scales` (precipitation: each coarse cell's mean
+        over its valid fine cells, generated drizzle moved onto the cell's wet values; other variables:
+        the low-pass at the coarse grid's Nyquist wavenumber); without, generated drizzle set to 0."""
+        log = bool(getattr(self.transform, "log", False))
+        phys = np.asarray(self.transform.inverse(samples, dry=not (self.preserve and log)), dtype=np.float64)
+        if not self.preserve:
+            return phys
+        from ..xr.preserve import preserve_large_scales
+
+        fine = self._fine
+        time, ydim, xdim = fine.dims
+        out = xr.DataArray(
+            np.where(self.mask, phys, np.nan),
+            dims=(time, "member", ydim, xdim),
+            coords={name: fine[name] for name in fine.coords if set(fine[name].dims) <= set(fine.dims)},
+        )
+        if log:
+            wet_min = getattr(self.transform, "wet_min", None)
+            fixed = preserve_large_scales(
+                out.clip(min=0.0), fine, rule="mean", coarse=self._coarse, wet_min=wet_min
+            )
+        else:
+            fixed = preserve_large_scales(out, fine, rule="lowpass", wavenumber=self.wavenumber)
+        return np.asarray(fixed.transpose(time, "member", ydim, xdim).values, dtype=np.float64)
 
 
 def _ensemble(
@@ -183,13 +240,15 @@ class JointPerfectModelValidation:
         self.parts, self.names = parts, list(names)
         self.factor, self.members, self.seed = parts[0].factor, parts[0].members, parts[0].seed
         self.bilinear_mae = 1.0  # the relative CRPS of the bilinear fields
+        self._preserved = ", preserve=True" if parts[0].preserve else ", preserve=False"
 
     @property
     def metric(self) -> str:
         sigmas = ", ".join(f"{n} {p.sigma:.4g}" for n, p in zip(self.names, self.parts, strict=True))
         return (
             f"perfect model: validation fields of every variable coarse-grained {self.factor}x, downscaled "
-            f"back together at each coarse grid's scale (sigma {sigmas}), {self.members} members; crps is "
+            f"back together, each at its own scale (sigma {sigmas}){self._preserved}, {self.members} "
+            "members; crps is "
             "the mean over variables of CRPS / bilinear MAE (1 = bilinear), per_variable in their units"
         )
 
