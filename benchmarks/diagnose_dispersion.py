@@ -5,7 +5,9 @@ averaged over 4 x 4 blocks (1 deg), downscaled back with 8 members at the auto s
 ``preserve``, and the spread/skill ratio is computed per bin of the ensemble mean's intensity, in mm/day
 and in log space (log(x + 0.1 mm/day)): the spread (with the finite-ensemble factor) against the RMSE of
 the ensemble mean; 1 is calibrated. The CRPS per bin says what the dispersion costs. The numbers back
-the "over-dispersed ensembles" entry of docs/limitations.md.
+the "over-dispersed ensembles" entry of docs/limitations.md. The same ratio per wavelength says at
+which scales the members vary too much or too little (power spectra of the members' departures from
+their mean against that of the ensemble mean's error), beside the members' power against the truth's.
 
 Then, on the network alone (the training validation's inputs: the same days coarse-grained, bilinear,
 low-passed, in the transformed space), how much of the members' spread is the injected noise passing
@@ -81,11 +83,43 @@ def main() -> None:
                 f"| {preserve} | {lo:g}-{hi:g} | {n} | {np.nanmean(crps[select]):.3f} | {r:.2f} | {s:.3f} | "
                 f"{k:.3f} | {rl:.2f} | {sl:.3f} | {kl:.3f} |"
             )
+        if preserve:
+            by_scale = spectral_spread_skill(ens, truth)
+    print(
+        "Per wavelength (default preserve; spectra on the largest all-land windows): spread/skill from the "
+        "members' departures' power against the ensemble mean error's, and the members' power against "
+        "the truth's"
+    )
+    print(
+        "| wavelength, km | spread/skill (mm/day) | power ratio (mm/day) | spread/skill (log) | "
+        "power ratio (log) |"
+    )
+    print("|---|---|---|---|---|")
+    for row in by_scale:
+        print("| " + " | ".join(f"{v:.0f}" if i == 0 else f"{v:.2f}" for i, v in enumerate(row)) + " |")
     corr, share, sigma = noise_passing_through(cm, truth, args.members)
     print(
         f"Network alone (sigma {sigma:.3f}, transformed space): members' departures correlate {corr:.2f} "
         f"with their noise's; the noise passing through explains {share:.0%} of their variance."
     )
+
+
+def spectral_spread_skill(ens: xr.DataArray, truth: xr.DataArray) -> list[tuple[float, ...]]:
+    """Rows (wavelength km, spread/skill in mm/day, member/truth power ratio in mm/day, the same two in
+    log space) per wavenumber bin: spread/skill from the power spectra of the members' departures from
+    their mean (with the finite-ensemble factor) and of the ensemble mean's error."""
+    m = ens.sizes["member"]
+    columns = []
+    for f in (lambda a: a, lambda a: np.log(a + LOG_OFFSET)):
+        e, t = f(ens), f(truth)
+        mean = e.mean("member")
+        spread = xdownscale.psd(e - mean).mean(["member", "time"]) * (m + 1) / (m - 1)
+        error = xdownscale.psd(mean - t).mean("time")
+        power = xdownscale.psd(e).mean(["member", "time"]) / xdownscale.psd(t).mean("time")
+        columns += [np.sqrt(spread / error).values, power.values]
+    wavelength = spread["wavelength_km"].values
+    ok = np.isfinite(np.stack(columns)).all(axis=0)
+    return [tuple(float(c[i]) for c in (wavelength, *columns)) for i in np.flatnonzero(ok)]
 
 
 def noise_passing_through(cm: Any, days: xr.DataArray, members: int) -> tuple[float, float, float]:

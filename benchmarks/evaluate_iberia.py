@@ -129,7 +129,7 @@ def run_methods(coarse: xr.DataArray, cm: Any, sde: Any, args: argparse.Namespac
     # all test days: the unpaired scores are climatologies, and a few days' mean against the whole
     # period's is a sampling error, not a model error (10 days gave a "mean abs err" of 2.6 mm/day)
     subset = test
-    sde_scale = xdownscale.Scale(scale.wavenumber, scale.wavelength_km, scale.sigma)
+    sde_scale = _same_scale(scale, sde)
     t0 = time.perf_counter()
     out = subset.downscale.sde(
         model=sde,
@@ -182,11 +182,19 @@ def score(fields: dict, seconds: dict, coarse: xr.DataArray, truth: xr.DataArray
     return rows
 
 
+def _same_scale(scale: Any, model: Any) -> Any:
+    """``scale`` (the CM's pick) for another model: the same wavenumber, the noise level from that
+    model's own target spectrum (the SDE's transform may differ from the CM's, and sigma lives in it)."""
+    return xdownscale.Scale.from_wavenumber(scale.wavenumber, psd=model.target_psd)
+
+
 def _psd(field: xr.DataArray, cm: Any) -> xr.DataArray:
+    """Mean spectrum of ``field`` over the model's land cells in log(x + 0.1 mm/day), one space for every
+    model whatever its own transform (the CM's offset may differ from the SDE's)."""
     mask = cm.grid["mask"]
-    transformed = cm.transform.forward(convert_units(field, cm.variable["units"]).where(mask))
-    dims = [d for d in transformed.dims if d in ("time", "member")]
-    return xdownscale.psd(transformed).mean(dims)
+    logged = np.log(_mm(field).where(mask) + LOG_OFFSET)
+    dims = [d for d in logged.dims if d in ("time", "member")]
+    return xdownscale.psd(logged).mean(dims)
 
 
 def figures(
@@ -208,7 +216,7 @@ def figures(
         ax.loglog(*_xy(_psd(field, cm)), styles.get(name, "C0--"), label=name)
     ax.axvline(scale.wavenumber, color="0.5", ls=":", label=f"scale k*={scale.wavenumber:.3f}")
     ax.set_xlabel("wavenumber (cycles per 0.25 deg cell)")
-    ax.set_ylabel("PSD (transformed space)")
+    ax.set_ylabel("PSD of log(x + 0.1 mm/day)")
     ax.set_title(f"Mean power spectra, {label} input, test winters")
     ax.legend(fontsize=7)
     written.append(_save(fig, f"{slug}-spectra.png"))
@@ -480,7 +488,7 @@ def paired(
         seconds[name] = (time.perf_counter() - t0) / (coarse.sizes["time"] * args.members)
     sub = _blocks(coarse.sizes["time"], args.sde_days)
     t0 = time.perf_counter()
-    sde_scale = xdownscale.Scale(scale.wavenumber, scale.wavelength_km, scale.sigma)
+    sde_scale = _same_scale(scale, sde)
     name = f"SDE bridge {args.sde_steps} steps"
     out = coarse.isel(time=sub).downscale.sde(
         model=sde, scale=sde_scale, steps=args.sde_steps, members=2, seed=0, progress=False, **kwargs
@@ -564,8 +572,14 @@ def _paired_sweep_reading(sweep: list[dict], bar: dict) -> str:
     if best["factor"] < auto["factor"]:
         text += (
             "Less noise keeps more of the input's interpolated detail, which is nearer the truth on average "
-            "than a regenerated one, but it is smooth: the sweep trades the error of each day against a "
-            "realistic spectrum, and the auto scale sits on the spectrum's side. "
+            "than a regenerated one, but it is smooth"
+        )
+        text += (
+            ": the sweep trades the error of each day against a realistic spectrum, and the auto scale sits "
+            "on the spectrum's side. "
+            if real["factor"] >= auto["factor"]
+            else f"; here the spectrum is also closest to the truth's below the auto scale (at "
+            f"{real['factor']:g} x), so the auto pick is too large for this network and input. "
         )
     calibrated_log = [r for r in sweep if 0.8 <= r["spread_skill_log"] <= 1.2]
 
@@ -605,7 +619,7 @@ def _paired_figures(label: str, fields: dict, truth: xr.DataArray, cm: Any, scal
         ax.loglog(*_xy(_psd(field, cm)), color=f"C{i}", ls="-" if "CM" in name else "--", label=name)
     ax.axvline(scale.wavenumber, color="0.5", ls=":", label=f"scale k*={scale.wavenumber:.3f}")
     ax.set_xlabel("wavenumber (cycles per 0.25 deg cell)")
-    ax.set_ylabel("PSD (transformed space)")
+    ax.set_ylabel("PSD of log(x + 0.1 mm/day)")
     ax.set_title(f"Mean power spectra, {label}")
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -1013,9 +1027,10 @@ def _model_sizes() -> str:
     def size(name: str) -> str:
         t = cards[name]["training"]
         static = cards[name]["architecture"]["config"].get("static_channels", 0)
+        eps = cards[name]["variable"]["transform"]["eps"]
         return (
             f"channels {','.join(map(str, channels[name]))}, {t['steps']} steps of batch {t['batch_size']}, "
-            f"{t['wall_time_s'] / 60:.0f} min, "
+            f"{t['wall_time_s'] / 60:.0f} min, log(x + {eps:g} mm/day) transform, "
             + ("with static inputs (per-cell climatology and mask)" if static else "no static inputs")
         )
 
@@ -1049,7 +1064,8 @@ def write_report(paired_sections: list, sections: list, args: argparse.Namespace
         "spectra, never day by day.",
         "",
         f"Run: {args.members} CM members per day, {args.paired_days} days per paired test; SDE bridge "
-        f"with {args.sde_steps} steps: 2 members on {args.sde_days} days in paired tests, 1 member on all "
+        f"with {args.sde_steps} steps at the CM's scale (its wavenumber; the noise level from the SDE's own "
+        f"target spectrum): 2 members on {args.sde_days} days in paired tests, 1 member on all "
         f"test days in unpaired ones (their scores are climatologies); scale sweep on "
         f"{args.sweep_days or 'all test'} days; subsets in blocks of 10 "
         "consecutive days spread over the test winters. " + _model_sizes() + f" Machine: {args.machine}, "
@@ -1063,7 +1079,7 @@ def write_report(paired_sections: list, sections: list, args: argparse.Namespace
         "factor) over the RMSE of its mean (1 = calibrated, < 1 = over-confident); *mean ratio* - mean of "
         "the output over the truth's; *wet-day frequency* - share of values >= 1 mm/day; *p99* - 99th "
         "percentile of all daily values; *log-spectral distance* - RMS difference of the log mean spectra "
-        "(transformed space) from the truth's. `preserve=False` is the network's output as it is; the "
+        "(of log(x + 0.1 mm/day)) from the truth's. `preserve=False` is the network's output as it is; the "
         "default `preserve=True` makes its mean over each of the input's cells the input's value there "
         "(`preserve='mean'`), or with QDM the regridded, corrected input's mean over the cell "
         "(`preserve='smooth-mean'`, QDM being fitted on that field); the row of the other rule shows "

@@ -132,18 +132,39 @@ def test_spread_skill_of_the_report_is_the_library_score(evaluate: ModuleType) -
 
 
 def test_the_page_says_which_network_sees_static_inputs(evaluate: ModuleType, monkeypatch: Any) -> None:
+    """... and each network's log offset (the CM's and the SDE's may differ)."""
     cards = {
-        evaluate.CM_NAME: {"static_channels": 3, "static_shape": [41, 61]},
-        evaluate.SDE_NAME: {},
+        evaluate.CM_NAME: ({"static_channels": 3, "static_shape": [41, 61]}, 1.0),
+        evaluate.SDE_NAME: ({}, 0.1),
     }
 
     def card(name: str) -> dict[str, Any]:
         return {
-            "architecture": {"config": {"channels": [32, 64, 64], **cards[name]}},
+            "architecture": {"config": {"channels": [32, 64, 64], **cards[name][0]}},
             "training": {"steps": 2000, "batch_size": 16, "wall_time_s": 1560.0},
+            "variable": {"transform": {"eps": cards[name][1]}},
         }
 
     monkeypatch.setattr(evaluate, "_read_card", card)
     line = evaluate._model_sizes()
-    assert "CM channels 32,64,64, 2000 steps of batch 16, 26 min, with static inputs" in line
-    assert "SDE channels 32,64,64, 2000 steps of batch 16, 26 min, no static inputs." in line
+    assert (
+        "CM channels 32,64,64, 2000 steps of batch 16, 26 min, log(x + 1 mm/day) transform, with static "
+        "inputs" in line
+    )
+    assert (
+        "SDE channels 32,64,64, 2000 steps of batch 16, 26 min, log(x + 0.1 mm/day) transform, no static "
+        "inputs." in line
+    )
+
+
+def test_the_sde_gets_the_cms_wavenumber_and_its_own_noise_level(evaluate: ModuleType) -> None:
+    """The two models' transforms may differ, and sigma lives in each one's transformed space."""
+    import xdownscale
+
+    cm = xdownscale.load_model(evaluate.CM_NAME)
+    sde = xdownscale.load_model(evaluate.SDE_NAME)
+    scale = xdownscale.Scale.from_wavenumber(0.0627, psd=cm.target_psd)
+    same = evaluate._same_scale(scale, sde)
+    assert same.wavenumber == scale.wavenumber
+    assert same.sigma == xdownscale.Scale.from_wavenumber(0.0627, psd=sde.target_psd).sigma
+    assert same.sigma != pytest.approx(scale.sigma, rel=0.05)  # log offsets 0.1 and 1 mm/day
