@@ -981,8 +981,12 @@ def _training_section() -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = np.asarray(record["curve"], dtype=float)  # step, crps, spread/skill, mean ratio
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), constrained_layout=True)
+    # step, crps, spread/skill, mean ratio (, spectral distance in the model's space: newer cards)
+    curve = np.asarray(record["curve"], dtype=float)
+    spectral = curve.shape[1] > 4 and bool(np.isfinite(curve[:, 4]).any())
+    fig, axes = plt.subplots(
+        1, 4 if spectral else 3, figsize=(18 if spectral else 14, 3.4), constrained_layout=True
+    )
     axes[0].plot(curve[:, 0], curve[:, 1], "o-", label="CM (EMA weights)")
     axes[0].axhline(record["bilinear_mae"], color="C1", ls="--", label="bilinear (MAE)")
     axes[0].set_ylabel("CRPS, mm/day")
@@ -992,19 +996,30 @@ def _training_section() -> list[str]:
     axes[2].plot(curve[:, 0], curve[:, 3], "o-")
     axes[2].axhline(1.0, color="0.5", ls=":")
     axes[2].set_ylabel("mean ratio")
+    if spectral:
+        axes[3].plot(curve[:, 0], curve[:, 4], "o-")
+        axes[3].set_ylabel("log-spectral distance (model space)")
     for ax in axes:
         ax.axvline(record["step"], color="0.5", ls="--", lw=0.8)
         ax.set_xlabel("training step")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Perfect-model validation during training (validation winter 1996/97; shipped: dashed)")
+    fig.suptitle("Perfect-model validation during training (validation winter 1996/97; shipped step: dashed)")
     path = _save(fig, "training-validation.png")
     return [
         "### Training record of the shipped CM",
         "",
         f"Validation while training: {record['metric']}. The shipped weights are those of step "
-        f"{record['step']} (best CRPS {record['crps']:.3f} mm/day vs bilinear MAE "
+        f"{record['step']}, {record.get('rule', 'the lowest CRPS')} (CRPS {record['crps']:.3f} mm/day vs "
+        "bilinear MAE "
         f"{record['bilinear_mae']:.3f}; spread/skill {record['spread_skill']:.2f}; mean ratio "
-        f"{record['mean_ratio']:.3f}). Training: {card['training'].get('steps')} steps, loss "
+        f"{record['mean_ratio']:.3f}"
+        + (
+            f"; log-spectral distance {record['spectral_distance']:.3f}, largest PSD factor "
+            f"{record['psd_factor']:.2f}, both in the model's transformed space"
+            if record.get("spectral_distance") is not None
+            else ""
+        )
+        + f"). Training: {card['training'].get('steps')} steps, loss "
         f"`{card['training'].get('loss')}`, {card['training'].get('wall_time_s', 0) / 60:.0f} min on "
         f"{card['training'].get('device')}.",
         "",

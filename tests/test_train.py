@@ -15,7 +15,7 @@ from xdownscale.datasets import synthetic_precipitation, synthetic_temperature
 from xdownscale.errors import InputError, MissingCoordinateError, UnitError
 from xdownscale.models import load_model
 from xdownscale.models.io import read_safetensors
-from xdownscale.models.train import train
+from xdownscale.models.train import candidate_steps, choose_step, train
 
 NY, NX = 16, 24
 TINY: dict[str, Any] = dict(
@@ -101,12 +101,18 @@ def test_train_writes_a_loadable_model(tmp_path: Path, pr: xr.DataArray, kind: s
     if kind == "cm":
         scored = [h for h in history if "val_crps" in h]
         assert [h["step"] for h in scored] == [3, 6]
-        best = min(scored, key=lambda h: h["val_crps"])
-        assert validation["step"] == best["step"] and validation["crps"] == best["val_crps"]
+        assert all(np.isfinite(h["val_spectral_distance"]) for h in scored)
+        chosen = min(scored, key=lambda h: h["val_crps"])
+        assert validation["step"] == chosen["step"] and validation["crps"] == chosen["val_crps"]
+        assert validation["spectral_distance"] == chosen["val_spectral_distance"]
+        assert validation["crps_tolerance"] == 0.0 and validation["rule"] == "the lowest CRPS"
         assert validation["bilinear_mae"] > 0 and np.isfinite(validation["spread_skill"])
         assert validation["beats_bilinear"] == (validation["crps"] < validation["bilinear_mae"])
-        assert "4x" in validation["metric"] and (out / "best-ema.safetensors").exists()
+        assert "4x" in validation["metric"]
+        kept = {int(p.stem.removeprefix("step-")) for p in (out / "validated").glob("step-*.safetensors")}
+        assert kept == candidate_steps(history, 0.0) == {chosen["step"]}
         assert [row[:2] for row in validation["curve"]] == [[h["step"], h["val_crps"]] for h in scored]
+        assert [row[4] for row in validation["curve"]] == [h["val_spectral_distance"] for h in scored]
     else:
         assert validation is None
     ckpt = _checkpoint(out)
@@ -120,9 +126,10 @@ def test_train_writes_a_loadable_model(tmp_path: Path, pr: xr.DataArray, kind: s
         "state.json",
     } <= files
     assert ("teacher.safetensors" in files) == (loss == "ct")
-    # the shipped weights are the EMA of the last checkpoint
+    # the shipped weights are the EMA of the chosen validation step (of the last checkpoint for an SDE)
     shipped = {k.removeprefix("network."): v for k, v in _weights(path).items() if k.startswith("network.")}
-    _assert_same(shipped, _weights(ckpt / "ema.safetensors"))
+    step = validation["step"] if kind == "cm" else 6
+    _assert_same(shipped, _weights(out / "checkpoints" / f"step-{step:08d}" / "ema.safetensors"))
 
 
 def test_masked_cells_are_zero_and_excluded(
@@ -211,6 +218,58 @@ def test_resume_after_interruption_is_exact(
         )
     history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("straight", "resumed")]
     assert history[0] == history[1]
+    # the card's wall time counts the session before the interruption too
+    first = json.loads((tmp_path / "resumed" / "checkpoints" / f"step-{n:08d}" / "state.json").read_text())
+    card = json.loads(resumed.with_suffix(".json").read_text())
+    assert 0 < first["elapsed_s"] <= card["training"]["wall_time_s"]
+
+
+def _record(step: int, crps: float, spectral: float | None) -> dict[str, Any]:
+    return {"step": step, "val_crps": crps} | (
+        {} if spectral is None else {"val_spectral_distance": spectral}
+    )
+
+
+def test_choose_step_trades_crps_for_a_realistic_spectrum() -> None:
+    """Within the CRPS band the nearest spectrum wins; outside it, never; 0 tolerance = lowest CRPS."""
+    history = [
+        {"step": 1, "loss": 3.0},  # a training-loss record: ignored
+        _record(2, 0.330, 0.9),
+        _record(4, 0.300, 0.7),  # lowest CRPS
+        _record(6, 0.305, 0.5),  # within 2%, better spectrum
+        _record(8, 0.306, 0.6),  # within 2% but dominated by step 6
+        _record(10, 0.320, 0.1),  # best spectrum, outside the band
+    ]
+    assert choose_step(history, 0.02) == 6
+    assert choose_step(history, 0.0) == 4
+    assert choose_step(history, 0.10) == 10
+    assert candidate_steps(history, 0.02) == {4, 6}  # step 8 can never be chosen: 6 beats it on both
+    assert choose_step(history, 0.02, available={4, 8}) == 4  # step 6's weights are gone
+    assert choose_step(history, 0.02, available=set()) is None
+    assert choose_step([{"step": 1, "loss": 1.0}], 0.02) is None
+    # records without a spectral distance (runs of older versions): the lowest CRPS
+    assert choose_step([_record(2, 0.31, None), _record(4, 0.30, None)], 0.05) == 4
+
+
+def test_kept_weights_follow_the_band(tmp_path: Path, pr: xr.DataArray) -> None:
+    """Training keeps the EMA weights of the steps that may still be chosen, and no others; resuming a
+    finished run with another tolerance chooses again among them."""
+    out = tmp_path / "run"
+    common = dict(steps=6, checkpoint_every=1, val_every=1, val_samples=8, keep_checkpoints=1, **TINY)
+    path = train("cm", pr, "pr", out, crps_tolerance=0.5, **common)
+    history = json.loads((out / "history.json").read_text())
+    kept = {int(p.stem.removeprefix("step-")) for p in (out / "validated").glob("step-*.safetensors")}
+    assert kept == candidate_steps(history, 0.5) and kept <= set(range(1, 7))
+    card = json.loads(path.with_suffix(".json").read_text())["training"]["validation"]
+    assert card["step"] == choose_step(history, 0.5)
+    path = train("cm", pr, "pr", out, crps_tolerance=0.0, resume=True, **common)
+    card = json.loads(path.with_suffix(".json").read_text())["training"]["validation"]
+    lowest = min((h for h in history if "val_crps" in h), key=lambda h: h["val_crps"])
+    assert card["step"] == lowest["step"] and card["rule"] == "the lowest CRPS"
+    shipped = {k.removeprefix("network."): v for k, v in _weights(path).items() if k.startswith("network.")}
+    _assert_same(shipped, _weights(out / "validated" / f"step-{lowest['step']:08d}.safetensors"))
+    with pytest.raises(InputError, match=r"crps_tolerance=1.5: expected a fraction in \[0, 1\)"):
+        train("cm", pr, "pr", tmp_path / "x", crps_tolerance=1.5, **common)
 
 
 def test_learning_rate_schedules(tmp_path: Path, pr: xr.DataArray) -> None:
@@ -333,6 +392,27 @@ def test_out_dir_guard(tmp_path: Path, pr: xr.DataArray) -> None:
     path = train("cm", pr, "pr", out, steps=2, resume=True, checkpoint_every=1, **TINY)
     assert path.is_file()
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_precision_bf16_on_the_cpu(tmp_path: Path, pr: xr.DataArray) -> None:
+    """bf16 autocast is an option on the CPU (the default where it is native): float32 weights, the card
+    says how it was trained, and a run resumes only in the precision it started with."""
+    from xdownscale.models.inference import cpu_has_fast_bf16
+
+    common = dict(steps=4, checkpoint_every=2, seed=5, **TINY)
+    fp32 = train("cm", pr, "pr", tmp_path / "fp32", precision="fp32", **common)
+    bf16 = train("cm", pr, "pr", tmp_path / "bf16", precision="bf16", **common)
+    auto = train("cm", pr, "pr", tmp_path / "auto", **common)
+    assert load_model(fp32).card["training"]["precision"] == "fp32"
+    assert load_model(bf16).card["training"]["precision"] == "bf16 autocast"
+    _assert_same(_weights(auto), _weights(bf16 if cpu_has_fast_bf16() else fp32))
+    w32, w16 = _weights(fp32), _weights(bf16)
+    assert all(w.dtype == torch.float32 for k, w in w16.items() if k.startswith("network."))
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32 if k.startswith("network."))
+    with pytest.raises(InputError, match=r"different configuration \(precision='bf16' there, 'fp32' here\)"):
+        train("cm", pr, "pr", tmp_path / "bf16", precision="fp32", resume=True, **common)
+    with pytest.raises(InputError, match=r"precision='fp16': expected one of 'auto', 'fp32', 'bf16'"):
+        train("cm", pr, "pr", tmp_path / "x", precision="fp16", **common)
 
 
 @pytest.mark.gpu

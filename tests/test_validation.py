@@ -66,6 +66,8 @@ def test_a_model_returning_the_truth_scores_zero(which: str, request: pytest.Fix
     assert scores["mae_mean"] == pytest.approx(0.0, abs=1e-4)
     assert scores["mean_ratio"] == pytest.approx(1.0, rel=1e-4)
     assert scores["bilinear_mae"] > 0.05  # the coarse-grained field does lose detail
+    assert scores["spectral_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["psd_factor"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_a_model_returning_the_bilinear_field_scores_its_mae(setup: tuple) -> None:
@@ -75,6 +77,10 @@ def test_a_model_returning_the_bilinear_field_scores_its_mae(setup: tuple) -> No
     scores = val.score(_Oracle(bilinear))
     assert scores["crps"] == pytest.approx(val.bilinear_mae, rel=1e-4)
     assert scores["mae_mean"] == pytest.approx(val.bilinear_mae, rel=1e-4)
+    # and its spectrum, smooth below the coarse scale, is far from the truth's: the largest factor is
+    # the deficit of power at the smallest scales (the log distance averages over all wavenumbers)
+    assert scores["psd_factor"] > 10.0 and scores["spectral_distance"] > 1.0
+    assert scores["psd_factor"] >= np.exp(scores["spectral_distance"])
 
 
 def test_crps_of_an_ensemble_matches_the_pairwise_formula(setup: tuple) -> None:

@@ -123,6 +123,21 @@ def _generative_options(func: Any) -> Any:
                 help="Offset of the log transform for precipitation, in mm/day.",
             ),
             click.option(
+                "--crps-tolerance",
+                default=0.0,
+                show_default=True,
+                type=click.FloatRange(0.0, 1.0, max_open=True),
+                help="cm: ship the validated step with the most realistic spectrum among those whose "
+                "CRPS is within this fraction of the lowest (0: the lowest CRPS).",
+            ),
+            click.option(
+                "--precision",
+                default="auto",
+                show_default=True,
+                type=click.Choice(["auto", "fp32", "bf16"]),
+                help="auto: bfloat16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere.",
+            ),
+            click.option(
                 "--licence", default=None, help="Licence / terms of use of the training data, for the card."
             ),
             click.option(

@@ -112,6 +112,8 @@ class PerfectModelValidation:
         valid = np.isfinite(self.truth) & self.mask & np.isfinite(self.bilinear)
         self.valid = valid
         self.bilinear_mae = float(np.abs(self.bilinear - self.truth)[valid].mean())
+        self._estimator = masked_estimator(target_psd)
+        self._truth_psd = self._log_power(self.truth[:, None])
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module, *, batch_size: int = 32) -> dict[str, float]:
@@ -123,7 +125,10 @@ class PerfectModelValidation:
         dict
             ``crps``, ``mae_mean`` (ensemble mean), ``spread_skill`` (mean ensemble std over the RMSE of
             the ensemble mean, with the finite-ensemble factor sqrt((M+1)/M)), ``mean_ratio`` (domain mean
-            of the output over the truth's) and ``bilinear_mae`` (the bar to beat).
+            of the output over the truth's), ``spectral_distance`` (RMS over the resolved wavenumbers of
+            the log ratio of the members' mean power spectrum to the truth's, in the transformed space,
+            with the estimator of the model's target spectrum), ``psd_factor`` (the largest such ratio
+            or its inverse) and ``bilinear_mae`` (the bar to beat).
         """
         samples = _ensemble(model, self.inputs[:, None], [self.sigma], self.members, self.seed, batch_size)
         return self.score_samples(samples[:, :, 0])
@@ -160,13 +165,33 @@ class PerfectModelValidation:
         std = phys.std(axis=1, ddof=1) if self.members > 1 else np.zeros_like(mean)
         spread = float(np.sqrt((std[v] ** 2).mean())) * np.sqrt((self.members + 1) / self.members)
         truth_mean = float(self.truth[v].mean())
+        log_ratio = self._log_power(phys) - self._truth_psd
+        log_ratio = log_ratio[np.isfinite(log_ratio)]
         return {
             "crps": float(crps[v].mean()),
             "mae_mean": float(np.abs(err[v]).mean()),
             "spread_skill": spread / rmse if rmse > 0 else float("nan"),
             "mean_ratio": float(phys[valid].mean()) / truth_mean if truth_mean > 0 else float("nan"),
+            "spectral_distance": float(np.sqrt(np.mean(log_ratio**2))) if log_ratio.size else float("nan"),
+            "psd_factor": float(np.exp(np.abs(log_ratio).max())) if log_ratio.size else float("nan"),
             "bilinear_mae": self.bilinear_mae,
         }
+
+    def _log_power(self, phys: np.ndarray) -> np.ndarray:
+        """Log of the mean power spectrum of the fields ``phys`` (fields, members, y, x; physical units)
+        in the transformed space, over the model's cells."""
+        from ..xr.spectra import psd
+
+        fine = self._fine
+        time, ydim, xdim = fine.dims
+        y = np.asarray(self.transform.forward(phys), dtype=np.float64)
+        field = xr.DataArray(
+            np.where(self.mask, y, np.nan),
+            dims=(time, "member", ydim, xdim),
+            coords={name: fine[name] for name in fine.coords if set(fine[name].dims) <= {ydim, xdim}},
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(psd(field, masked=self._estimator).mean([time, "member"]).values)
 
     def physical(self, samples: np.ndarray) -> np.ndarray:
         """Members ``samples`` (fields, members, y, x) of the transformed space in physical units, as the
@@ -254,8 +279,9 @@ class JointPerfectModelValidation:
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module, *, batch_size: int = 32) -> dict[str, float]:
-        """Relative ``crps`` and ``mae_mean``, mean ``spread_skill`` and ``mean_ratio`` over variables, and
-        each variable's scores as ``crps_NAME``, ``bilinear_mae_NAME``, ``spread_skill_NAME``."""
+        """Relative ``crps`` and ``mae_mean``, mean ``spread_skill``, ``mean_ratio`` and
+        ``spectral_distance`` over variables, the largest ``psd_factor``, and each variable's scores as
+        ``crps_NAME``, ``bilinear_mae_NAME``, ``spread_skill_NAME``, ``spectral_distance_NAME``."""
         inputs = np.stack([p.inputs for p in self.parts], axis=1)
         samples = _ensemble(model, inputs, [p.sigma for p in self.parts], self.members, self.seed, batch_size)
         per = [p.score_samples(samples[:, :, c]) for c, p in enumerate(self.parts)]
@@ -264,10 +290,13 @@ class JointPerfectModelValidation:
             "mae_mean": float(np.mean([s["mae_mean"] / s["bilinear_mae"] for s in per])),
             "spread_skill": float(np.mean([s["spread_skill"] for s in per])),
             "mean_ratio": float(np.mean([s["mean_ratio"] for s in per])),
+            "spectral_distance": float(np.mean([s["spectral_distance"] for s in per])),
+            "psd_factor": float(np.max([s["psd_factor"] for s in per])),
             "bilinear_mae": 1.0,
         }
+        keys = ("crps", "bilinear_mae", "spread_skill", "spectral_distance")
         for name, s in zip(self.names, per, strict=True):
-            out |= {f"{key}_{name}": s[key] for key in ("crps", "bilinear_mae", "spread_skill")}
+            out |= {f"{key}_{name}": s[key] for key in keys}
         return out
 
     def per_variable(self, record: dict[str, Any]) -> dict[str, dict[str, float]]:
