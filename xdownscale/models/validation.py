@@ -98,10 +98,9 @@ class PerfectModelValidation:
         self.preserve = bool(preserve)
         self._fine = fine.where(self.mask)
         x = np.asarray(transform.forward(self.bilinear), dtype=np.float32)
+        self._estimator = masked_estimator(target_psd)
         if auto_scale:  # as scale="auto" does: the inputs' spectrum in the transformed space
-            spectrum = psd(
-                fine.copy(data=np.where(self.mask, x, np.nan)), masked=masked_estimator(target_psd)
-            )
+            spectrum = psd(fine.copy(data=np.where(self.mask, x, np.nan)), masked=self._estimator)
             scale = select_scale(target_psd, spectrum, input_wavenumber=wavenumber)
         else:
             scale = Scale.from_wavenumber(wavenumber, psd=target_psd)
@@ -112,7 +111,6 @@ class PerfectModelValidation:
         valid = np.isfinite(self.truth) & self.mask & np.isfinite(self.bilinear)
         self.valid = valid
         self.bilinear_mae = float(np.abs(self.bilinear - self.truth)[valid].mean())
-        self._estimator = masked_estimator(target_psd)
         self._truth_psd = self._log_power(self.truth[:, None])
 
     @torch.no_grad()
@@ -182,16 +180,19 @@ class PerfectModelValidation:
         in the transformed space, over the model's cells."""
         from ..xr.spectra import psd
 
+        field = self._members(np.asarray(self.transform.forward(phys), dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(psd(field, masked=self._estimator).mean([field.dims[0], "member"]).values)
+
+    def _members(self, values: np.ndarray) -> xr.DataArray:
+        """``values`` (fields, members, y, x) as a DataArray on the validation grid, NaN off the mask."""
         fine = self._fine
         time, ydim, xdim = fine.dims
-        y = np.asarray(self.transform.forward(phys), dtype=np.float64)
-        field = xr.DataArray(
-            np.where(self.mask, y, np.nan),
+        return xr.DataArray(
+            np.where(self.mask, values, np.nan),
             dims=(time, "member", ydim, xdim),
-            coords={name: fine[name] for name in fine.coords if set(fine[name].dims) <= {ydim, xdim}},
+            coords={name: fine[name] for name in fine.coords if set(fine[name].dims) <= set(fine.dims)},
         )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.log(psd(field, masked=self._estimator).mean([time, "member"]).values)
 
     def physical(self, samples: np.ndarray) -> np.ndarray:
         """Members ``samples`` (fields, members, y, x) of the transformed space in physical units, as the
@@ -207,11 +208,7 @@ class PerfectModelValidation:
 
         fine = self._fine
         time, ydim, xdim = fine.dims
-        out = xr.DataArray(
-            np.where(self.mask, phys, np.nan),
-            dims=(time, "member", ydim, xdim),
-            coords={name: fine[name] for name in fine.coords if set(fine[name].dims) <= set(fine.dims)},
-        )
+        out = self._members(phys)
         if log:
             wet_min = getattr(self.transform, "wet_min", None)
             fixed = preserve_large_scales(
