@@ -253,3 +253,62 @@ def test_wet_min_keeps_the_means_on_real_looking_fields(fields: tuple) -> None:
     drizzle = lambda a: int(((a > 0) & (a < wet_min * (1 - 1e-5))).sum())  # noqa: E731
     assert drizzle(fixed) < drizzle(plain) / 3  # most drizzle went (what is left: cells under 0.5 in all)
     assert float(fixed.min()) >= 0.0 and float(fixed[2].max()) == 0.0
+
+
+def _ramp_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A uniform 'output' on a 16 x 24 fine grid and coarse targets rising smoothly from west to east
+    (4 x 4 fine cells per coarse cell): (y, coarse values, cell, smooth)."""
+    fine = xr.DataArray(np.ones((16, 24)), dims=("lat", "lon"), coords=regional_grid(16, 24, res=0.25).coords)
+    coarse = regional_grid(4, 6, lat0=float(fine.lat[0]) - 0.125, lon0=float(fine.lon[0]) - 0.125, res=1.0)
+    coarse = xr.DataArray(np.zeros((4, 6)), dims=("lat", "lon"), coords=coarse.coords)
+    cell, smooth = coarse_cell_operators(fine, coarse)
+    values = np.tile(np.linspace(1.0, 3.0, 6), 4)[None, :]
+    return np.ones((1, 16 * 24)), values, cell, smooth
+
+
+def test_the_solved_smooth_field_meets_the_means_without_steps_at_cell_edges() -> None:
+    """The multiplier is a bilinear field whose cell means are the targets: a smooth ramp of targets
+    gives a smooth output, where a per-cell ratio (no ``smooth``) gives steps at every cell edge."""
+    y, values, cell, smooth = _ramp_case()
+    solved = preserve_means(y, y, cell, smooth, coarse=values).reshape(16, 24)
+    blocks = preserve_means(y, y, cell, None, coarse=values).reshape(16, 24)
+    for out in (solved, blocks):
+        means = out.reshape(4, 4, 6, 4).mean(axis=(1, 3)).ravel()
+        np.testing.assert_allclose(means, values[0], rtol=1e-12)
+    # along a row: the piecewise-constant field jumps by a whole step (0.4) at each edge, the solved one
+    # changes by about a quarter of it from cell to cell
+    assert np.abs(np.diff(blocks[8])).max() == pytest.approx(0.4)
+    assert np.abs(np.diff(solved[8])).max() < 0.15
+    # the solved field alone met the means: the exact pass changed nothing (no jump in the row's slope)
+    assert np.abs(np.diff(solved[8], 2)[2:-2]).max() < 0.05
+
+
+def test_the_smooth_multiplier_is_floored_and_the_exact_pass_keeps_the_means() -> None:
+    """A target far below the output next to one far above pushes the least-norm field below zero; it
+    is floored (no negative or zero values appear) and the exact pass still meets every mean."""
+    y, values, cell, smooth = _ramp_case()
+    values = values.copy()
+    values[0, 6:12] = [1e-3, 50.0, 1e-3, 50.0, 1e-3, 50.0]
+    out = preserve_means(y, y, cell, smooth, coarse=values)
+    assert out.min() > 0.0
+    means = out.reshape(4, 4, 6, 4).mean(axis=(1, 3)).ravel()
+    np.testing.assert_allclose(means, values[0], rtol=1e-10)
+
+
+def test_the_banded_solve_is_the_dense_least_norm_solution() -> None:
+    """Oracle: the smooth multiplier's values at the coarse centres are 1 + A^T (A A^T)^-1 (t - A 1) with
+    A built densely, on a random positive field and random targets (no floor reached)."""
+    from xdownscale.core.preserve import _smooth_multiplier
+
+    _, _, cell, smooth = _ramp_case()
+    rng = np.random.default_rng(3)
+    y = rng.uniform(0.5, 2.0, (2, cell.size))
+    mean = np.zeros((24, cell.size))
+    mean[cell, np.arange(cell.size)] = 1.0 / 16
+    target = (y @ mean.T) * rng.uniform(0.8, 1.25, (2, 24))
+    got = _smooth_multiplier(y, target, np.ones((2, 24), bool), cell, smooth)
+    for f in range(2):
+        a = (mean * y[f]) @ smooth
+        r = 1.0 + a.T @ np.linalg.solve(a @ a.T, target[f] - a.sum(axis=1))
+        np.testing.assert_allclose(got[f], smooth @ r, rtol=1e-5)
+        np.testing.assert_allclose(mean @ (y[f] * got[f]), target[f], rtol=1e-5)

@@ -13,7 +13,7 @@ Rules per kind of variable:
 
 Both act per field (time step and member), so results do not depend on chunking. On a curvilinear
 input grid a fine cell belongs to the input cell with the nearest centre and the correction is piecewise
-constant (no smooth passes).
+constant (no smooth field).
 """
 
 from __future__ import annotations
@@ -88,9 +88,25 @@ def coarse_cell_operators(
     iy = _containing(flat, lat_cell_bounds(clat))
     ix = _containing(flon, lon_cell_bounds(clon, cgrid.periodic), period=360.0)
     cell = np.where((iy[:, None] >= 0) & (ix[None, :] >= 0), iy[:, None] * clon.size + ix[None, :], -1)
-    sy = linear_weights_1d(clat, flat, "lat").toarray()
+    sy = _held_at_the_edges(linear_weights_1d(clat, flat, "lat").toarray(), clat, flat)
     sx = linear_weights_1d(clon, flon, "lon", periodic=cgrid.periodic).toarray()
+    sx = _held_at_the_edges(sx, clon, flon, period=360.0)
     return cell.ravel(), np.kron(sy, sx)
+
+
+def _held_at_the_edges(
+    weights: np.ndarray, centres: np.ndarray, targets: np.ndarray, *, period: float | None = None
+) -> np.ndarray:
+    """1-D interpolation ``weights`` (targets, centres) whose empty rows (targets beyond the outermost
+    centre) take the nearest centre's value: the interpolated field is held constant out to the edge."""
+    empty = weights.sum(axis=1) == 0
+    if empty.any():
+        gap = targets[empty, None] - centres[None, :]
+        if period is not None:
+            gap = (gap + period / 2) % period - period / 2
+        weights = weights.copy()
+        weights[np.flatnonzero(empty), np.abs(gap).argmin(axis=1)] = 1.0
+    return weights
 
 
 def preserve_large_scales(

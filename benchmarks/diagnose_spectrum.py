@@ -1,0 +1,164 @@
+"""Where does the precipitation CM's spectrum depart from E-OBS's? A perfect-model diagnosis.
+
+E-OBS days of the validation winter 1996/97 (inside the training period, never the test winters) are
+averaged over 4 x 4 blocks (1 deg) and downscaled back at the auto scale without ``preserve``; the
+large-scale correction is then applied to the same members in variants (the default: the solved smooth
+field, the exact pass and the drizzle rule; without the drizzle rule; the exact pass alone, piecewise
+constant), and the members' power spectrum is compared with the truth's per wavelength, in the report's
+space log(x + 0.1 mm/day) and in mm/day, with the report's masked estimator. The largest factor and the
+log-spectral distance over all wavelengths close each column. Then the same ratio for the default, by
+how wet the day is (the truth's share of land cells with at least 1 mm): the members' excess power at
+small scales on dry days, their deficit on wet ones. The numbers back the spectrum entries of
+docs/limitations.md.
+
+    python benchmarks/diagnose_spectrum.py            # under a minute on 2 cores
+    python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, _mm, _paired_inputs
+
+import xdownscale
+from xdownscale.core.preserve import preserve_means
+from xdownscale.core.transforms import WET_TOLERANCE
+from xdownscale.errors import XDownscaleWarning
+from xdownscale.preparation import check_input
+from xdownscale.xr.domain import cut_to_domain
+from xdownscale.xr.preserve import coarse_cell_operators
+
+VALIDATION = slice("1996-12-01", "1997-02-28")
+
+
+def variants(
+    raw: xr.DataArray, coarse: xr.DataArray, bilinear: xr.DataArray, cm: Any
+) -> dict[str, xr.DataArray]:
+    """The members ``raw`` (time, member, lat, lon; mm/day) with the cell-mean correction applied in
+    each variant: the correction's targets are the coarse values (a perfect-model input needs no bias
+    correction)."""
+    checked, grid, _ = check_input(coarse, cm, None)
+    coarse = cut_to_domain(checked, grid, cm.grid, partial=True)  # as downscaling does: edges padded
+    cell, smooth = coarse_cell_operators(raw, coarse)
+    wet_min = getattr(cm.transform, "wet_min", None)
+    y = raw.transpose("time", "member", "lat", "lon").values
+    t, m, h, w = y.shape
+    flat = y.reshape(t, m, h * w)
+    values = coarse.transpose("time", ...).values.reshape(t, 1, -1)
+    # the reference on the fine grid only seeds cells the output left dry
+    p = bilinear.transpose("time", "lat", "lon").values.reshape(t, 1, h * w)
+    dry = raw.where(raw >= wet_min * (1 - WET_TOLERANCE), 0.0) if wet_min else raw
+    out = {"network alone (preserve=False)": dry.where(np.isfinite(raw))}
+    options = {
+        "default": dict(smooth=smooth, wet_min=wet_min),
+        "no drizzle rule": dict(smooth=smooth, wet_min=None),
+        "exact pass only": dict(smooth=None, wet_min=wet_min),
+    }
+    for name, kw in options.items():
+        fixed = preserve_means(flat, p, cell, coarse=values, **kw)
+        out[name] = raw.copy(data=fixed.reshape(y.shape)).transpose(*raw.dims)
+    return out
+
+
+def spectrum(field: xr.DataArray, mask: xr.DataArray, log: bool) -> xr.DataArray:
+    """Mean power spectrum over the land cells, in log(x + 0.1 mm/day) or mm/day."""
+    x = field.where(mask)
+    x = np.log(x + LOG_OFFSET) if log else x
+    dims = [d for d in x.dims if d in ("time", "member")]
+    return xdownscale.psd(x).mean(dims)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument(
+        "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
+    )
+    args = parser.parse_args()
+    cm = xdownscale.load_model(args.model)
+    path = DATA / "eobs_0.25deg_tp_djf1991-2000.nc"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
+    days = _mm(xr.open_dataset(path)["tp"].sel(time=VALIDATION)).load()
+    truth, coarse = _paired_inputs(days, 4, args.days)
+    mask = cm.grid["mask"]
+    kwargs = dict(model=cm, members=args.members, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        shipped = coarse.downscale.cm(**kwargs)
+        wet_min, cm.transform.wet_min = cm.transform.wet_min, None  # the members before the drizzle rule
+        raw = _mm(coarse.downscale.cm(preserve=False, **kwargs)).load()
+        cm.transform.wet_min = wet_min
+    bilinear = _mm(coarse.downscale.prepare(model=cm, transform=False)).load()
+    fields = variants(raw, coarse, bilinear, cm)
+    default = fields["default"]
+    gap = float(np.nanmax(np.abs(default.values - _mm(shipped).transpose(*raw.dims).values)))
+    fields = {"bilinear": bilinear.expand_dims(member=[0]), **fields}
+    print(
+        f"{args.model}, validation winter, 1 deg perfect model, {args.members} members, "
+        f"{truth.sizes['time']} days; default variant vs preserve=True: max |difference| {gap:.2g} mm/day"
+    )
+    for log in (True, False):
+        space = f"log(x + {LOG_OFFSET} mm/day)" if log else "mm/day"
+        ref = spectrum(truth, mask, log)
+        ratios = {name: (spectrum(f, mask, log) / ref).values for name, f in fields.items()}
+        wavelength = ref["wavelength_km"].values
+        ok = np.isfinite(ref.values) & np.all([np.isfinite(r) for r in ratios.values()], axis=0)
+        print(f"\nPower / truth's power per wavelength, {space}")
+        print("| wavelength, km | " + " | ".join(ratios) + " |")
+        print("|---" * (len(ratios) + 1) + "|")
+        for i in np.flatnonzero(ok):
+            print(f"| {wavelength[i]:.0f} | " + " | ".join(f"{r[i]:.2f}" for r in ratios.values()) + " |")
+        worst = [float(np.exp(np.abs(np.log(r[ok])).max())) for r in ratios.values()]
+        lsd = [float(np.sqrt(np.mean(np.log(r[ok]) ** 2))) for r in ratios.values()]
+        print("| largest factor | " + " | ".join(f"{v:.2f}" for v in worst) + " |")
+        print("| log-spectral distance | " + " | ".join(f"{v:.3f}" for v in lsd) + " |")
+    for name in ("network alone (preserve=False)", "no drizzle rule", "default"):
+        by_regime(fields[name], truth, mask, name)
+
+
+#: the truth's share of land cells with at least 1 mm/day: dry, scattered, widespread rain days
+REGIMES = ((0.0, 0.05), (0.05, 0.15), (0.15, 0.35), (0.35, 1.0))
+
+
+def by_regime(ens: xr.DataArray, truth: xr.DataArray, mask: xr.DataArray, name: str) -> None:
+    """Power ratio per wavelength (log space) of the members against the truth, days grouped by
+    :data:`REGIMES`."""
+    wet = (truth.where(mask) >= 1.0).sum(["lat", "lon"]) / mask.sum()
+    rows = []
+    for lo, hi in REGIMES:
+        days = ((wet >= lo) & ((wet < hi) | (hi == 1.0))).values
+        if days.any():
+            ref = spectrum(truth.isel(time=days), mask, True)
+            rows.append((lo, hi, int(days.sum()), ref, spectrum(ens.isel(time=days), mask, True) / ref))
+    if not rows:
+        return
+    wavelength = rows[0][3]["wavelength_km"].values
+    ok = np.flatnonzero(np.all([np.isfinite(r[4].values) for r in rows], axis=0))
+    pick = ok[:: max(1, len(ok) // 6)].tolist() + ([ok[-1]] if (len(ok) - 1) % max(1, len(ok) // 6) else [])
+    print(f"\n{name}: power / truth's power (log space) by the truth's share of land cells >= 1 mm/day")
+    print(
+        "| wet share | days | truth's power (wettest = 1) | "
+        + " | ".join(f"{wavelength[i]:.0f} km" for i in pick)
+        + " |"
+    )
+    print("|---" * (len(pick) + 3) + "|")
+    total = np.nanmean(rows[-1][3].values)
+    for lo, hi, n, ref, ratio in rows:
+        print(
+            f"| {lo:g}-{hi:g} | {n} | {np.nanmean(ref.values) / total:.2f} | "
+            + " | ".join(f"{ratio.values[i]:.2f}" for i in pick)
+            + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()
