@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -167,4 +168,9 @@ def test_the_sde_gets_the_cms_wavenumber_and_its_own_noise_level(evaluate: Modul
     same = evaluate._same_scale(scale, sde)
     assert same.wavenumber == scale.wavenumber
     assert same.sigma == xdownscale.Scale.from_wavenumber(0.0627, psd=sde.target_psd).sigma
-    assert same.sigma != pytest.approx(scale.sigma, rel=0.05)  # log offsets 0.1 and 1 mm/day
+    # a model whose transformed fields carry 4 times the power (another log offset, say): same
+    # wavenumber, twice the noise level
+    other = types.SimpleNamespace(target_psd=cm.target_psd * 4.0)
+    louder = evaluate._same_scale(scale, other)
+    assert louder.wavenumber == scale.wavenumber
+    assert louder.sigma == pytest.approx(2.0 * scale.sigma, rel=1e-6)

@@ -1,7 +1,7 @@
 """Train the shipped E-OBS Iberia models (consistency model, VE-SDE baseline), precipitation or temperature.
 
     python weights/train_iberia.py --kind cm --steps 4000 --static-inputs
-    python weights/train_iberia.py --kind sde --steps 2500 --lr-schedule constant --eps 0.1
+    python weights/train_iberia.py --kind sde --steps 2500 --lr-schedule constant --static-inputs
     python weights/train_iberia.py --kind cm --variable tas --steps 4000 --channels 32,48,48
     python weights/train_iberia.py --kind cm --variable pr+tas --steps 6000 --channels 32,48,48 --eps 0.1
 
