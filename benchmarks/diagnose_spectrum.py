@@ -143,7 +143,7 @@ def by_regime(ens: xr.DataArray, truth: xr.DataArray, mask: xr.DataArray, name: 
         return
     wavelength = rows[0][3]["wavelength_km"].values
     ok = np.flatnonzero(np.all([np.isfinite(r[4].values) for r in rows], axis=0))
-    pick = ok[:: max(1, len(ok) // 6)].tolist() + ([ok[-1]] if (len(ok) - 1) % max(1, len(ok) // 6) else [])
+    pick = np.unique(np.r_[ok[:: max(1, len(ok) // 6)], ok[-1]])  # about 7 wavelengths, the smallest last
     print(f"\n{name}: power / truth's power (log space) by the truth's share of land cells >= 1 mm/day")
     print(
         "| wet share | days | truth's power (wettest = 1) | "
