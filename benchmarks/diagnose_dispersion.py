@@ -38,11 +38,12 @@ VALIDATION = slice("1996-12-01", "1997-02-28")
 BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 15.0), (15.0, np.inf))  # ensemble mean, mm/day
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--members", type=int, default=8)
+def validation_case(doc: str, members: int) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray]:
+    """The command line of a diagnosis (``--members``, ``--days``, ``--model``; ``doc`` its help) and its
+    case: (arguments, the model, the validation winter's true days, the same days averaged over 4 x 4
+    blocks)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=members)
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument(
         "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
@@ -54,6 +55,11 @@ def main() -> None:
         raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
     days = _mm(xr.open_dataset(path)["tp"].sel(time=VALIDATION)).load()
     truth, coarse = _paired_inputs(days, 4, args.days)
+    return args, cm, truth, coarse
+
+
+def main() -> None:
+    args, cm, truth, coarse = validation_case(__doc__, members=8)
     mask = cm.grid["mask"]
     truth = truth.where(mask)
     print(

@@ -17,13 +17,13 @@ docs/limitations.md.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, _mm, _paired_inputs
+from diagnose_dispersion import validation_case
+from evaluate_iberia import LOG_OFFSET, _mm
 
 import xdownscale
 from xdownscale.core.preserve import preserve_means
@@ -32,8 +32,6 @@ from xdownscale.errors import XDownscaleWarning
 from xdownscale.preparation import check_input
 from xdownscale.xr.domain import cut_to_domain
 from xdownscale.xr.preserve import coarse_cell_operators
-
-VALIDATION = slice("1996-12-01", "1997-02-28")
 
 
 def variants(
@@ -74,21 +72,7 @@ def spectrum(field: xr.DataArray, mask: xr.DataArray, log: bool) -> xr.DataArray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--days", type=int, default=90)
-    parser.add_argument(
-        "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
-    )
-    args = parser.parse_args()
-    cm = xdownscale.load_model(args.model)
-    path = DATA / "eobs_0.25deg_tp_djf1991-2000.nc"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
-    days = _mm(xr.open_dataset(path)["tp"].sel(time=VALIDATION)).load()
-    truth, coarse = _paired_inputs(days, 4, args.days)
+    args, cm, truth, coarse = validation_case(__doc__, members=4)
     mask = cm.grid["mask"]
     kwargs = dict(model=cm, members=args.members, seed=0, progress=False)
     with warnings.catch_warnings():
