@@ -22,12 +22,12 @@ over cell ``j`` of ``y * S[:, m]``), and ``r`` is their solution nearest to 1 (t
 ``r = 1 + A^T (A A^T)^-1 (t - A 1)``), so the smooth field alone meets them wherever it stays positive.
 Then one exact pass scales each coarse cell by its remaining ratio, which meets the constraints to
 round-off (the cells partition the fine grid, so the cells' passes do not interact); it only does work
-where the smooth field was floored at :data:`SMOOTH_FLOOR`. (Two passes of interpolated ratios before
-the exact pass, the earlier method, meet the means only approximately: on E-OBS validation days
-coarse-grained to 1 degree the solved field brought the spectrum nearer the truth's, log-spectral
-distance 0.47 against 0.60, and lowered the CRPS by 1%.) Where the output is dry over a whole coarse
-cell that the input says is wet, the input's own
-values are used there (a multiplicative correction cannot create rain from nothing). With ``wet_min``
+where the smooth field was floored at :data:`SMOOTH_FLOOR`, and on the small residual of the solve's
+ridge. (Two passes of interpolated ratios before the exact pass, the earlier method, meet the means only
+approximately: on E-OBS validation days coarse-grained to 1 degree the solved field brought the
+spectrum nearer the truth's, log-spectral distance 0.47 against 0.60, and lowered the CRPS by 1%.)
+Where the output is dry over a whole coarse cell that the input says is wet, the input's own values are
+used there (a multiplicative correction cannot create rain from nothing). With ``wet_min``
 (the smallest amount the training data record), values below it are drizzle: in a coarse cell that also
 has values at or above it they are set to 0 and the cell's wet values scaled up to keep its mean; in a
 coarse cell with no value that high, its rain goes to its largest values, as many as its total holds
@@ -45,7 +45,7 @@ from .transforms import WET_TOLERANCE
 
 __all__ = ["preserve_means"]
 
-#: fields corrected together (memory: a few (fields, fine cells) and (fields, cells, cells) arrays)
+#: fields corrected together (memory: a few (fields, fine cells) and (fields, cells x bandwidth) arrays)
 _BATCH = 256
 
 #: smallest value of the smooth multiplier: where the least-norm field would go lower (or negative), the
