@@ -308,6 +308,11 @@ def test_local_cluster_gives_the_same_result(cm_model, coarse):
     assert not np.allclose(other_seed.values, ref, equal_nan=True)
 
 
+def test_an_unknown_precision_is_refused_before_any_work(cm_model, coarse):
+    with pytest.raises(InputError, match=r"precision='fp16': expected one of 'auto', 'fp32', 'bf16'"):
+        coarse.isel(time=slice(0, 1)).downscale.cm(model=cm_model.path, precision="fp16", progress=False)
+
+
 def test_explicit_noise_level_beyond_the_target_spectrum(cm_model, coarse):
     out = coarse.isel(time=slice(0, 1)).downscale.cm(model=cm_model.path, scale="sigma=20", progress=False)
     assert out.attrs["downscale_scale_sigma"] == pytest.approx(20.0)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from .core.precision import check_precision
 from .errors import InputError, XDownscaleWarning
 from .xr.cf import Grid, find_grid, find_time, grid_spacing_km
 
@@ -91,8 +92,7 @@ def check_call(method: str, members: Any, precision: str) -> None:
         raise InputError(f"method={method!r}: expected one of {METHODS}.")
     if not isinstance(members, (int, np.integer)) or members < 1:
         raise InputError(f"members={members!r}: expected a whole number >= 1.")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise InputError(f"precision={precision!r}: expected 'auto', 'fp32' or 'bf16'.")
+    check_precision(precision)
 
 
 def input_ensemble(da: Any) -> str | None:

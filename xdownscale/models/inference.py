@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.precision import PRECISIONS
 from ..core.rng import KeyedNoise, sample_key
 from ..core.samplers import sde_bridge, sdedit_cm
 from ..core.sde import VESDE
@@ -57,8 +58,6 @@ __all__ = [
     "time_keys",
     "use_threads",
 ]
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 _MODELS: dict[tuple[str, str, str], Any] = {}
 _LOCK = threading.Lock()

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..core.precision import check_precision
 from ..errors import InputError
 from .card import CARD_FORMAT, KINDS, jsonable
 from .checkpoint import CHECKPOINT_FORMAT, flatten_optimizer, latest_checkpoint, unflatten_optimizer
@@ -55,7 +56,7 @@ from .data import (
     split_validation,
     training_fields,
 )
-from .inference import PRECISIONS, resolve_precision
+from .inference import resolve_precision
 from .io import read_safetensors, save_model, write_safetensors
 from .model import build_network
 
@@ -536,11 +537,7 @@ def train(
             f"crps_tolerance={crps_tolerance!r}: expected a fraction in [0, 1), e.g. 0.02 (2%); 0 ships "
             "the weights of the lowest validation CRPS."
         )
-    if precision not in PRECISIONS:
-        raise InputError(
-            f"precision={precision!r}: expected one of {', '.join(map(repr, PRECISIONS))} "
-            "('auto' picks bf16 where it is fast)."
-        )
+    check_precision(precision)
     out = Path(out)
     dev = (
         torch.device(device)
