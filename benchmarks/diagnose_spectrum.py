@@ -27,6 +27,7 @@ from evaluate_iberia import LOG_OFFSET, _mm
 
 import xdownscale
 from xdownscale.core.preserve import preserve_means
+from xdownscale.core.spectra import log_spectral_distance
 from xdownscale.core.transforms import WET_TOLERANCE
 from xdownscale.errors import XDownscaleWarning
 from xdownscale.preparation import check_input
@@ -101,10 +102,9 @@ def main() -> None:
         print("|---" * (len(ratios) + 1) + "|")
         for i in np.flatnonzero(ok):
             print(f"| {wavelength[i]:.0f} | " + " | ".join(f"{r[i]:.2f}" for r in ratios.values()) + " |")
-        worst = [float(np.exp(np.abs(np.log(r[ok])).max())) for r in ratios.values()]
-        lsd = [float(np.sqrt(np.mean(np.log(r[ok]) ** 2))) for r in ratios.values()]
-        print("| largest factor | " + " | ".join(f"{v:.2f}" for v in worst) + " |")
-        print("| log-spectral distance | " + " | ".join(f"{v:.3f}" for v in lsd) + " |")
+        scores = [log_spectral_distance(r[ok], np.ones(int(ok.sum()))) for r in ratios.values()]
+        print("| largest factor | " + " | ".join(f"{s[1]:.2f}" for s in scores) + " |")
+        print("| log-spectral distance | " + " | ".join(f"{s[0]:.3f}" for s in scores) + " |")
     for name in ("network alone (preserve=False)", "no drizzle rule", "default"):
         by_regime(fields[name], truth, mask, name)
 

@@ -32,6 +32,7 @@ import xarray as xr
 
 import xdownscale
 from xdownscale import metrics
+from xdownscale.core.spectra import log_spectral_distance
 from xdownscale.errors import XDownscaleWarning
 from xdownscale.xr.preserve import preserve_large_scales
 from xdownscale.xr.spectra import Scale
@@ -319,8 +320,7 @@ def scale_sweep(
     hist = coarse.sel(time=HIST)
     native = _mm(test).load()
     reference = _mm(test.downscale.prepare(model=cm, transform=False, qdm=True, hist=hist)).load()
-    truth_spectrum = _psd(truth, cm)
-    truth_psd = np.log(truth_spectrum.values)
+    truth_spectrum = _psd(truth, cm).values
 
     def row(sigma: float, out: xr.DataArray) -> dict:
         return {
@@ -329,9 +329,7 @@ def scale_sweep(
             "lowpass_corr": float(metrics.lowpass_correlation(out, reference, scale.wavenumber)),
             "mae": float(metrics.mean_abs_error(out, truth)),
             "p95": float(metrics.quantile_abs_error(out, truth, q=0.95)),
-            "log_spectral_distance": float(
-                np.sqrt(np.nanmean((np.log(_psd(out, cm).values) - truth_psd) ** 2))
-            ),
+            "log_spectral_distance": log_spectral_distance(_psd(out, cm).values, truth_spectrum)[0],
             "days": int(test.sizes["time"]),
         }
 
@@ -417,11 +415,8 @@ def _paired_scores(
     tv = truth.values[np.isfinite(truth.values)]
     ev = ens.values[np.isfinite(ens.values)]
     truth_spectrum = _psd(truth, cm)
-    truth_psd = np.log(truth_spectrum.values)
-    out_psd = np.log(_psd(ens, cm).values)
-    ok = np.isfinite(truth_psd) & np.isfinite(out_psd)
-    log_ratio = np.abs(out_psd - truth_psd)
-    worst = int(np.nanargmax(np.where(ok, log_ratio, -np.inf)))
+    # the largest factor between the output's and the truth's power over all resolved wavenumbers
+    distance, factor, worst = log_spectral_distance(_psd(ens, cm).values, truth_spectrum.values)
     return {
         "crps": crps,
         "mae_mean": float(np.abs(err).mean()),
@@ -433,9 +428,8 @@ def _paired_scores(
         "wet_freq_truth": float((tv >= 1.0).mean()),
         "p99": float(np.quantile(ev, 0.99)),
         "p99_truth": float(np.quantile(tv, 0.99)),
-        "log_spectral_distance": float(np.sqrt(np.mean((out_psd[ok] - truth_psd[ok]) ** 2))),
-        # the largest factor between the output's and the truth's power over all resolved wavenumbers
-        "psd_factor_max": float(np.exp(log_ratio[worst])),
+        "log_spectral_distance": distance,
+        "psd_factor_max": factor,
         "psd_factor_wavenumber": float(truth_spectrum["wavenumber"].values[worst]),
         "pooled_corr": _per_member(
             metrics.pooled_correlation, ens.where(mask), _mm(coarse).sel(time=ens["time"]), factor=None

@@ -133,3 +133,15 @@ def test_default_noise_level_is_the_auto_scale(setup: tuple, default: tuple) -> 
         Scale.from_wavenumber(auto.scale_wavenumber, psd=target).sigma, rel=1e-6
     )
     assert "preserve=True" in auto.metric and "preserve=False" in plain.metric
+
+
+def test_log_spectral_distance_of_a_spectrum_to_itself_and_to_a_scaled_one() -> None:
+    from xdownscale.core.spectra import log_spectral_distance
+
+    ref = np.array([1.0, 0.5, 0.1, 0.01, np.nan])
+    assert log_spectral_distance(ref, ref)[:2] == (0.0, 1.0)
+    other = ref * np.array([2.0, 0.5, 1.0, 4.0, 1.0])
+    distance, factor, worst = log_spectral_distance(other, ref)
+    assert worst == 3 and factor == pytest.approx(4.0)
+    assert distance == pytest.approx(np.sqrt(np.mean(np.log([2.0, 0.5, 1.0, 4.0]) ** 2)))
+    assert np.isnan(log_spectral_distance(np.zeros(3), ref[:3])[0])

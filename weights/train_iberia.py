@@ -31,6 +31,7 @@ from pathlib import Path
 import xarray as xr
 
 import xdownscale
+from xdownscale.core.precision import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "iberia"
@@ -143,7 +144,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (about 1.6x faster here), else fp32",
     )

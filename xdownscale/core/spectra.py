@@ -87,6 +87,7 @@ __all__ = [
     "drop_wavenumber",
     "fill_nearest",
     "interp_loglog",
+    "log_spectral_distance",
     "lowpass_filter",
     "radial_psd",
     "radial_wavenumbers",
@@ -428,6 +429,25 @@ def interp_loglog(k0: float | np.ndarray, k: np.ndarray, psd: np.ndarray) -> np.
     if not ok.any():
         return np.full(np.shape(k0), np.nan)
     return np.exp(np.interp(np.log(k0), np.log(k[ok]), np.log(psd[ok])))
+
+
+def log_spectral_distance(psd: np.ndarray, reference: np.ndarray) -> tuple[float, float, int]:
+    """How far the power spectrum ``psd`` is from ``reference`` (same wavenumbers), over the wavenumbers
+    where both are positive and finite.
+
+    Returns
+    -------
+    tuple
+        (RMS of the log power ratio, the largest factor between the two, ``exp(max |log ratio|)``, and the
+        index of its wavenumber); (NaN, NaN, -1) where no wavenumber is usable.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log(np.asarray(psd, dtype=np.float64)) - np.log(np.asarray(reference, np.float64))
+    ok = np.isfinite(log_ratio)
+    if not ok.any():
+        return float("nan"), float("nan"), -1
+    worst = int(np.argmax(np.where(ok, np.abs(log_ratio), -np.inf)))
+    return float(np.sqrt(np.mean(log_ratio[ok] ** 2))), float(np.exp(abs(log_ratio[worst]))), worst
 
 
 def sigma_at_wavenumber(k0: float, k: np.ndarray, psd: np.ndarray, n_cells: int) -> float:

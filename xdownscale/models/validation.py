@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..core.spectra import log_spectral_distance
+
 __all__ = ["JointPerfectModelValidation", "PerfectModelValidation"]
 
 
@@ -111,7 +113,7 @@ class PerfectModelValidation:
         valid = np.isfinite(self.truth) & self.mask & np.isfinite(self.bilinear)
         self.valid = valid
         self.bilinear_mae = float(np.abs(self.bilinear - self.truth)[valid].mean())
-        self._truth_psd = self._log_power(self.truth[:, None])
+        self._truth_psd = self._power(self.truth[:, None])
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module, *, batch_size: int = 32) -> dict[str, float]:
@@ -163,26 +165,24 @@ class PerfectModelValidation:
         std = phys.std(axis=1, ddof=1) if self.members > 1 else np.zeros_like(mean)
         spread = float(np.sqrt((std[v] ** 2).mean())) * np.sqrt((self.members + 1) / self.members)
         truth_mean = float(self.truth[v].mean())
-        log_ratio = self._log_power(phys) - self._truth_psd
-        log_ratio = log_ratio[np.isfinite(log_ratio)]
+        distance, factor, _ = log_spectral_distance(self._power(phys), self._truth_psd)
         return {
             "crps": float(crps[v].mean()),
             "mae_mean": float(np.abs(err[v]).mean()),
             "spread_skill": spread / rmse if rmse > 0 else float("nan"),
             "mean_ratio": float(phys[valid].mean()) / truth_mean if truth_mean > 0 else float("nan"),
-            "spectral_distance": float(np.sqrt(np.mean(log_ratio**2))) if log_ratio.size else float("nan"),
-            "psd_factor": float(np.exp(np.abs(log_ratio).max())) if log_ratio.size else float("nan"),
+            "spectral_distance": distance,
+            "psd_factor": factor,
             "bilinear_mae": self.bilinear_mae,
         }
 
-    def _log_power(self, phys: np.ndarray) -> np.ndarray:
-        """Log of the mean power spectrum of the fields ``phys`` (fields, members, y, x; physical units)
-        in the transformed space, over the model's cells."""
+    def _power(self, phys: np.ndarray) -> np.ndarray:
+        """The mean power spectrum of the fields ``phys`` (fields, members, y, x; physical units) in the
+        transformed space, over the model's cells."""
         from ..xr.spectra import psd
 
         field = self._members(np.asarray(self.transform.forward(phys), dtype=np.float64))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.log(psd(field, masked=self._estimator).mean([field.dims[0], "member"]).values)
+        return psd(field, masked=self._estimator).mean([field.dims[0], "member"]).values
 
     def _members(self, values: np.ndarray) -> xr.DataArray:
         """``values`` (fields, members, y, x) as a DataArray on the validation grid, NaN off the mask."""
