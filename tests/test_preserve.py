@@ -140,7 +140,7 @@ def test_every_fine_cell_belongs_to_the_coarse_cell_holding_its_centre() -> None
     assert (np.abs(coarse.lat.values[iy] - lat2.ravel()) <= 0.7).all()
     assert (np.abs(coarse.lon.values[ix] - lon2.ravel()) <= 0.7).all()
     assert smooth is not None and smooth.shape == (16 * 24, 30)
-    np.testing.assert_allclose(smooth.sum(axis=1), 1.0)
+    np.testing.assert_allclose(smooth.toarray().sum(axis=1), 1.0)
     # longitudes in 0..360 on the coarse grid: the same cells
     shifted = coarse.assign_coords(lon=coarse.lon % 360)
     np.testing.assert_array_equal(coarse_cell_operators(fine, shifted)[0], cell)
@@ -298,7 +298,7 @@ def test_the_smooth_multiplier_is_floored_and_the_exact_pass_keeps_the_means() -
 def test_the_banded_solve_is_the_dense_least_norm_solution() -> None:
     """Oracle: the smooth multiplier's values at the coarse centres are 1 + A^T (A A^T)^-1 (t - A 1) with
     A built densely, on a random positive field and random targets (no floor reached)."""
-    from xdownscale.core.preserve import _smooth_multiplier
+    from xdownscale.core.preserve import _Cells
 
     _, _, cell, smooth = _ramp_case()
     rng = np.random.default_rng(3)
@@ -306,9 +306,37 @@ def test_the_banded_solve_is_the_dense_least_norm_solution() -> None:
     mean = np.zeros((24, cell.size))
     mean[cell, np.arange(cell.size)] = 1.0 / 16
     target = (y @ mean.T) * rng.uniform(0.8, 1.25, (2, 24))
-    got = _smooth_multiplier(y, target, np.ones((2, 24), bool), cell, smooth)
+    solve = _Cells(np.ones(cell.size, bool), cell, smooth).solve
+    assert solve is not None
+    got = solve.multiplier(y, target, np.ones((2, 24), bool))
+    dense = smooth.toarray()
     for f in range(2):
-        a = (mean * y[f]) @ smooth
+        a = (mean * y[f]) @ dense
         r = 1.0 + a.T @ np.linalg.solve(a @ a.T, target[f] - a.sum(axis=1))
-        np.testing.assert_allclose(got[f], smooth @ r, rtol=1e-5)
+        np.testing.assert_allclose(got[f], dense @ r, rtol=1e-5)
         np.testing.assert_allclose(mean @ (y[f] * got[f]), target[f], rtol=1e-5)
+
+
+def test_the_correction_is_the_same_in_batches_of_any_size_and_its_operators_are_sparse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory does not grow with fine times coarse cells: the interpolation is sparse (at most 4 weights
+    per fine cell), and a work budget too small for more than one field per batch gives the same result
+    as one batch of all fields (on a grid with a hole in the mask and a ragged edge of coarse cells)."""
+    import xdownscale.core.preserve as core_preserve
+
+    fine = xr.DataArray(np.ones((20, 28)), dims=("lat", "lon"), coords=regional_grid(20, 28, res=0.25).coords)
+    coarse = regional_grid(5, 7, lat0=float(fine.lat[0]) - 0.125, lon0=float(fine.lon[0]) - 0.125, res=1.0)
+    coarse = xr.DataArray(np.zeros((5, 7)), dims=("lat", "lon"), coords=coarse.coords)
+    cell, smooth = coarse_cell_operators(fine, coarse)
+    assert smooth is not None and smooth.nnz <= 4 * cell.size
+    rng = np.random.default_rng(5)
+    y = rng.gamma(0.6, 2.0, (6, 20 * 28)) * (rng.uniform(size=(6, 20 * 28)) > 0.3)
+    y[:, 200:230] = np.nan  # a hole in the mask
+    values = rng.gamma(0.8, 2.0, (6, 35)) * (rng.uniform(size=(6, 35)) > 0.2)
+    whole = preserve_means(y, np.nan_to_num(y), cell, smooth, coarse=values, wet_min=0.1)
+    monkeypatch.setattr(core_preserve, "_BUDGET", 1)
+    one_by_one = preserve_means(y, np.nan_to_num(y), cell, smooth, coarse=values, wet_min=0.1)
+    np.testing.assert_allclose(one_by_one, whole, rtol=1e-12, atol=1e-14)
+    means = np.nanmean(whole.reshape(6, 5, 4, 7, 4), axis=(2, 4)).reshape(6, 35)
+    np.testing.assert_allclose(means, values, rtol=1e-9, atol=1e-12)

@@ -45,8 +45,11 @@ from .transforms import WET_TOLERANCE
 
 __all__ = ["preserve_means"]
 
-#: fields corrected together (memory: a few (fields, fine cells) and (fields, cells x bandwidth) arrays)
+#: most fields corrected together
 _BATCH = 256
+#: floats of work arrays per batch (about 12 per fine cell and field, plus the banded Gram matrices):
+#: about 400 MB, whatever the grid
+_BUDGET = 50_000_000
 
 #: smallest value of the smooth multiplier: where the least-norm field would go lower (or negative), the
 #: exact pass takes over
@@ -78,8 +81,8 @@ def preserve_means(
         Shape (N,), integer: the coarse cell (0 .. M-1) each fine cell's centre lies in; -1 for fine cells
         in none (they keep their values).
     smooth
-        Optional shape (N, M): interpolation weights from the coarse-cell centres to the fine cells, for
-        the smooth field. Without it only the exact (piecewise constant) pass is made.
+        Optional shape (N, M), dense or sparse: interpolation weights from the coarse-cell centres to
+        the fine cells, for the smooth field. Without it only the exact (piecewise constant) pass is made.
     wet_min
         Optional dry threshold, the smallest amount the training data record: the rain of each coarse
         cell is put in values of at least ``wet_min`` where its total allows (see above), the means kept
@@ -120,7 +123,11 @@ def preserve_means(
         c2 = np.asarray(coarse, dtype=np.float64)
         c2 = np.broadcast_to(c2, (*shape[:-1], c2.shape[-1])).reshape(-1, c2.shape[-1])
         b2 = p2 if base is None else np.broadcast_to(np.asarray(base, np.float64), shape).reshape(-1, n)
-    s = None if smooth is None else np.asarray(smooth, dtype=np.float64)
+    s = None
+    if smooth is not None:
+        s = sp.csr_matrix(smooth, dtype=np.float64)
+        if s.shape[0] != n:
+            raise ValueError(f"smooth must have {n} rows like the fields' last axis; got shape {s.shape}.")
     # fields with the same valid cells (usually all of them: the model's mask) are corrected together
     patterns, group = np.unique(np.packbits(finite, axis=1), axis=0, return_inverse=True)
     for g in range(len(patterns)):
@@ -129,116 +136,149 @@ def preserve_means(
         valid = common & (cell >= 0)
         if not valid.any():
             continue
-        cells, index = np.unique(cell[valid], return_inverse=True)
-        members = np.zeros((cells.size, n))
-        members[index, np.flatnonzero(valid)] = 1.0
-        mean = members / members.sum(axis=1, keepdims=True)  # (M, N): means over the valid fine cells
-        spread = members.T  # (N, M): a coarse value to its fine cells
-        owner = np.full(n, -1)
-        owner[valid] = index
-        sg = None if s is None else s[:, cells]
-        for start in range(0, fields.size, _BATCH):
-            part = fields[start : start + _BATCH]
+        ops = _Cells(valid, cell, s)
+        for start in range(0, fields.size, ops.batch):
+            part = fields[start : start + ops.batch]
             yv = np.where(common, out[part], 0.0)
             pv = np.where(common, p2[part], 0.0)
             if c2 is not None and b2 is not None:
-                pv = _to_coarse_values(pv, np.where(common, b2[part], 0.0), c2[part][:, cells], mean)
-            fixed = _correct(yv, pv, mean, spread, sg, valid, owner)
+                pv = _to_coarse_values(pv, np.where(common, b2[part], 0.0), c2[part][:, ops.cells], ops)
+            fixed = _correct(yv, pv, ops)
             if wet_min is not None:
-                fixed = _without_drizzle(fixed, pv @ mean.T, valid, owner, wet_min)
+                fixed = _without_drizzle(fixed, ops.means(pv), valid, ops.owner, wet_min)
             out[part] = np.where(common, fixed, np.nan)
     return out.reshape(shape)
 
 
-def _to_coarse_values(p: np.ndarray, base: np.ndarray, values: np.ndarray, mean: np.ndarray) -> np.ndarray:
+class _Cells:
+    """The operators of one set of valid fine cells, built once for all its fields: the coarse cell of
+    each (``owner``, -1 for none), means over the coarse cells and back (sparse: memory and time grow with
+    the fine cells, not with fine times coarse cells), the smooth solve's structure, and how many fields
+    a batch holds within :data:`_BUDGET`."""
+
+    def __init__(self, valid: np.ndarray, cell: np.ndarray, smooth: sp.csr_matrix | None) -> None:
+        n = valid.size
+        self.cells, index = np.unique(cell[valid], return_inverse=True)
+        m = self.cells.size
+        where = np.flatnonzero(valid)
+        self.valid = valid
+        self.owner = np.full(n, -1)
+        self.owner[where] = index
+        self._gather = np.maximum(self.owner, 0)
+        self.counts = np.bincount(index, minlength=m).astype(np.float64)
+        self._mean = sp.csr_matrix((1.0 / self.counts[index], (index, where)), shape=(m, n))
+        self.solve = None if smooth is None else _SmoothSolve(smooth[:, self.cells], self.owner, self.counts)
+        per_field = 12 * n + (0 if self.solve is None else self.solve.size)
+        self.batch = int(np.clip(_BUDGET // per_field, 1, _BATCH))
+
+    def means(self, x: np.ndarray) -> np.ndarray:
+        """(F, N) -> (F, M): means over the valid fine cells of each coarse cell."""
+        return np.asarray(self._mean @ x.T).T
+
+    def spread(self, v: np.ndarray) -> np.ndarray:
+        """(F, M) -> (F, N): each valid fine cell takes its coarse cell's value; the others 0 (False)."""
+        return np.where(self.valid, v[:, self._gather], np.zeros((), v.dtype))
+
+
+class _SmoothSolve:
+    """The least-norm smooth multiplier's linear algebra for one set of valid fine cells.
+
+    ``A[j, m]``, the mean over cell ``j`` of ``y * S[:, m]``, is nonzero only where a fine cell of ``j``
+    interpolates from centre ``m``; its nonzeros are ``gather @ y`` for every field. ``A A^T`` couples the
+    cells that share a centre, so in the cells' own (row-major) order, or in reverse Cuthill-McKee order
+    where that is narrower, it is banded and each field's system is solved in banded form."""
+
+    def __init__(self, s: sp.csr_matrix, owner: np.ndarray, counts: np.ndarray) -> None:
+        from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+        rows = np.asarray(s.sum(axis=1)).ravel()  # interpolate from the cells with valid fine cells only
+        self.s = (sp.diags(np.divide(1.0, rows, out=np.zeros_like(rows), where=rows > 0)) @ s).tocsr()
+        cells = s.shape[1]
+        coo = self.s.tocoo()
+        inside = (owner[coo.row] >= 0) & (coo.data != 0)
+        n, m, w = coo.row[inside], coo.col[inside], coo.data[inside]
+        j = owner[n]
+        entries, slot = np.unique(j * cells + m, return_inverse=True)
+        self.ja, self.ma = entries // cells, entries % cells
+        self.gather = sp.csr_matrix((w / counts[j], (slot, n)), shape=(entries.size, s.shape[0]))
+        self.to_rows, self.to_columns = _one_hot(self.ja, cells), _one_hot(self.ma, cells)
+        # pairs of entries in one column m meet in A A^T at (ja[e1], ja[e2])
+        by_column = np.argsort(self.ma, kind="stable")
+        starts = np.searchsorted(self.ma[by_column], np.arange(cells + 1))
+        width = max(int(np.diff(starts).max(initial=0)), 1)
+        rank = np.arange(entries.size) - starts[self.ma[by_column]]
+        table = np.full((cells, width), -1)
+        table[self.ma[by_column], rank] = by_column  # the entries of each column, padded with -1
+        e1, e2 = (x.ravel() for x in (np.repeat(table, width, axis=1), np.tile(table, (1, width))))
+        keep = (e1 >= 0) & (e2 >= 0)
+        e1, e2 = e1[keep], e2[keep]
+        pattern = sp.csr_matrix((np.ones(e1.size), (self.ja[e1], self.ja[e2])), shape=(cells, cells))
+        orders = [np.arange(cells), np.asarray(reverse_cuthill_mckee(pattern, symmetric_mode=True))]
+        positions = [np.argsort(order) for order in orders]
+        widths = [np.abs(pos[self.ja[e1]] - pos[self.ja[e2]]).max(initial=0) for pos in positions]
+        best = int(np.argmin(widths))  # the cells' own order, or reverse Cuthill-McKee where narrower
+        self.order, self.position = orders[best].astype(np.int64), positions[best].astype(np.int64)
+        lo, hi = self.position[self.ja[e1]], self.position[self.ja[e2]]
+        keep = lo >= hi
+        self.e1, self.e2, lo, hi = e1[keep], e2[keep], lo[keep], hi[keep]
+        self.band = int((lo - hi).max(initial=0)) + 1
+        # lower banded form: (row r, column c <= r) of the reordered matrix sits at [r - c, c]
+        self.banded = sp.csr_matrix(
+            (np.ones(lo.size), (np.arange(lo.size), (lo - hi) * cells + hi)),
+            shape=(lo.size, self.band * cells),
+        )
+        self.size = self.band * cells + 3 * entries.size + 2 * self.e1.size  # floats per field
+
+    def multiplier(self, y: np.ndarray, target: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """``S r`` (F, N), floored at :data:`SMOOTH_FLOOR`: ``r`` (F, M) the least-norm change from 1
+        that makes the coarse means of ``y * S r`` equal ``target`` (F, M) in the ``live`` cells (wet,
+        with rain in ``y``)."""
+        from scipy.linalg import solveh_banded
+
+        fields, cells = target.shape
+        a = np.asarray(self.gather @ y.T).T  # (F, E): A's nonzeros
+        have = np.asarray(a @ self.to_rows)  # A 1: the current means
+        a *= live[:, self.ja]  # rows of cells without a constraint: zero
+        gram = np.asarray((a[:, self.e1] * a[:, self.e2]) @ self.banded).reshape(fields, self.band, cells)
+        gram[:, 0] += _ridge(gram[:, 0].sum(axis=1), live[:, self.order])
+        rhs = np.where(live, target - have, 0.0)[:, self.order]
+        lam = np.stack(
+            [solveh_banded(gram[f], rhs[f], lower=True, check_finite=False) for f in range(fields)]
+        )
+        r = 1.0 + np.asarray((a * lam[:, self.position[self.ja]]) @ self.to_columns)
+        return np.maximum(np.asarray(self.s @ r.T).T, SMOOTH_FLOOR)
+
+
+def _to_coarse_values(p: np.ndarray, base: np.ndarray, values: np.ndarray, ops: _Cells) -> np.ndarray:
     """``p`` (F, N) scaled over each coarse cell so that its mean there is ``values`` (F, M) times
     mean(p) / mean(base); where ``base`` is dry over a cell, ``values`` itself, evenly; where ``values``
     is NaN, ``p`` unchanged."""
-    before = base @ mean.T
+    before = ops.means(base)
     tiny = 1e-12 * np.maximum(np.abs(before).max(axis=1, keepdims=True), 1e-300)
     known = np.isfinite(values)
     ok = (before > tiny) & known
     ratio = np.divide(np.where(ok, values, 0.0), before, out=np.ones_like(before), where=ok)
     even = np.where(known & ~ok, values, 0.0)
-    members = (mean > 0).astype(np.float64)  # (M, N)
-    scaled = np.where((known & ~ok).astype(np.float64) @ members > 0, even @ members, p * (ratio @ members))
+    scaled = np.where(ops.spread(known & ~ok), ops.spread(even), p * ops.spread(ratio))
     # a fine cell in no coarse cell (or masked) keeps its value
-    return np.where(members.any(axis=0), scaled, p)
+    return np.where(ops.valid, scaled, p)
 
 
-def _correct(
-    y: np.ndarray,
-    p: np.ndarray,
-    mean: np.ndarray,
-    spread: np.ndarray,
-    s: np.ndarray | None,
-    valid: np.ndarray,
-    owner: np.ndarray,
-) -> np.ndarray:
+def _correct(y: np.ndarray, p: np.ndarray, ops: _Cells) -> np.ndarray:
     """The smooth field and the exact pass for a stack of fields (F, N)."""
-    target = p @ mean.T  # (F, M)
+    target = ops.means(p)  # (F, M)
     tiny = 1e-12 * np.maximum(np.abs(target).max(axis=1, keepdims=True), 1e-300)
     dry = target <= tiny
     # a dry coarse cell stays dry; a wet one the output left dry takes the input's values
-    y = np.where(valid & ((dry @ spread.T) > 0), 0.0, y)
-    empty = ((y @ mean.T) <= tiny) & ~dry
-    y = np.where(valid & ((empty @ spread.T) > 0), p, y)
-    if s is not None:
-        live = ~dry & ((y @ mean.T) > 0)
-        y = np.where(valid, y * _smooth_multiplier(y, target, live, owner, s), y)
-    have = y @ mean.T
+    y = np.where(ops.spread(dry), 0.0, y)
+    empty = (ops.means(y) <= tiny) & ~dry
+    y = np.where(ops.spread(empty), p, y)
+    if ops.solve is not None:
+        live = ~dry & (ops.means(y) > 0)
+        y = np.where(ops.valid, y * ops.solve.multiplier(y, target, live), y)
+    have = ops.means(y)
     ratios = np.divide(target, have, out=np.zeros_like(target), where=~dry & (have > 0))
-    return np.where(valid, y * (ratios @ spread.T), y)
-
-
-def _smooth_multiplier(
-    y: np.ndarray, target: np.ndarray, live: np.ndarray, owner: np.ndarray, s: np.ndarray
-) -> np.ndarray:
-    """``S r`` (F, N), floored at :data:`SMOOTH_FLOOR`: ``r`` (F, M) the least-norm change from 1 that
-    makes the coarse means of ``y * S r`` equal ``target`` (F, M) in the ``live`` cells (wet, with rain
-    in ``y``). ``owner`` (N,): each fine cell's coarse cell, -1 for none (it is not constrained).
-
-    ``A`` (M, M) is sparse: a fine cell interpolates from the few centres around it, so ``A A^T`` is
-    banded (cells in row-major order) and each field's system is solved in banded form."""
-    from scipy.linalg import solveh_banded
-
-    rows = s.sum(axis=1, keepdims=True)  # interpolate from the cells with valid fine cells only
-    s = np.divide(s, rows, out=np.zeros_like(s), where=rows > 0)
-    fields, cells = target.shape
-    counts = np.bincount(owner[owner >= 0], minlength=cells).astype(np.float64)
-    # the nonzeros of A: A[j, m] = mean over cell j of y * S[:, m]
-    n, m = np.nonzero(s * (owner >= 0)[:, None])
-    j = owner[n]
-    entries, slot = np.unique(j * cells + m, return_inverse=True)
-    ja, ma = entries // cells, entries % cells
-    gather = sp.csr_matrix((s[n, m] / counts[j], (slot, n)), shape=(entries.size, y.shape[1]))
-    a = (gather @ y.T).T  # (F, E): A's nonzeros
-    have = a @ _one_hot(ja, cells)  # A 1: the current means
-    a *= live[:, ja]  # rows of cells without a constraint: zero
-    # A A^T in banded lower form: entries e1, e2 of one column m with rows j1 >= j2 meet at [j1 - j2, j2]
-    by_column = np.argsort(ma, kind="stable")
-    starts = np.searchsorted(ma[by_column], np.arange(cells + 1))
-    width = int(np.diff(starts).max(initial=0))
-    rank = np.arange(entries.size) - starts[ma[by_column]]
-    table = np.full((cells, max(width, 1)), -1)
-    table[ma[by_column], rank] = by_column  # the entries of each column, padded with -1
-    e1, e2 = (x.ravel() for x in (np.repeat(table, width, axis=1), np.tile(table, (1, width))))
-    keep = (e1 >= 0) & (e2 >= 0)
-    e1, e2 = e1[keep], e2[keep]
-    keep = ja[e1] >= ja[e2]
-    e1, e2 = e1[keep], e2[keep]
-    band = int((ja[e1] - ja[e2]).max(initial=0)) + 1
-    banded = sp.csr_matrix(
-        (np.ones(e1.size), (np.arange(e1.size), (ja[e1] - ja[e2]) * cells + ja[e2])),
-        shape=(e1.size, band * cells),
-    )
-    gram = (a[:, e1] * a[:, e2]) @ banded  # (F, band * M)
-    gram = gram.reshape(fields, band, cells)
-    gram[:, 0] += _ridge(gram[:, 0].sum(axis=1), live)
-    rhs = np.where(live, target - have, 0.0)
-    lam = np.stack([solveh_banded(gram[f], rhs[f], lower=True) for f in range(fields)])
-    r = 1.0 + (a * lam[:, ja]) @ _one_hot(ma, cells)
-    return np.maximum(r @ s.T, SMOOTH_FLOOR)
+    return np.where(ops.valid, y * ops.spread(ratios), y)
 
 
 def _ridge(trace: np.ndarray, live: np.ndarray) -> np.ndarray:

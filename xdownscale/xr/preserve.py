@@ -19,6 +19,7 @@ constant (no smooth field).
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import xarray as xr
 
 from ..core.preserve import preserve_means
@@ -42,7 +43,7 @@ def _containing(centres: np.ndarray, bounds: np.ndarray, *, period: float | None
 
 def coarse_cell_operators(
     fine: xr.DataArray | xr.Dataset, coarse: xr.DataArray
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, sp.csr_matrix | None]:
     """The coarse cell each fine cell's centre lies in, and interpolation from the coarse cell centres.
 
     Returns
@@ -52,8 +53,8 @@ def coarse_cell_operators(
         horizontal dims) of the coarse cell holding the fine cell's centre, -1 outside every coarse cell.
         On a curvilinear coarse grid, the cell with the nearest centre (on the sphere).
     smooth
-        Shape (N, M): bilinear weights from the coarse cell centres to the fine cell centres, or None for a
-        curvilinear coarse grid.
+        Shape (N, M), sparse: bilinear weights from the coarse cell centres to the fine cell centres, or
+        None for a curvilinear coarse grid.
 
     Raises
     ------
@@ -91,7 +92,7 @@ def coarse_cell_operators(
     sy = _held_at_the_edges(linear_weights_1d(clat, flat, "lat").toarray(), clat, flat)
     sx = linear_weights_1d(clon, flon, "lon", periodic=cgrid.periodic).toarray()
     sx = _held_at_the_edges(sx, clon, flon, period=360.0)
-    return cell.ravel(), np.kron(sy, sx)
+    return cell.ravel(), sp.kron(sp.csr_matrix(sy), sp.csr_matrix(sx), format="csr")
 
 
 def _held_at_the_edges(
