@@ -3,7 +3,7 @@
 Each figure is a ratio of two timings (or two peak memories) measured in the same run on the same machine:
 
 a. ``.downscale.cm`` end to end (units, regrid, low-pass, transform, keyed noise, network, inverse transform,
-   mask) with the shipped CM (``cm-eobs-iberia-0.25deg-pr``, UNet (32, 64, 64) on the 41 x 61 E-OBS grid)
+   mask) with the shipped CM (``cm-eobs-iberia-0.25deg-pr``, UNet (48, 96, 96) on the 41 x 61 E-OBS grid)
    against its bare ``model.network(x, sigma)`` forward on the same number of fields with the same batch
    size under ``torch.no_grad`` (goal >= 0.9: the pipeline keeps 90% of the network's speed). The input is
    the shipped demo sample (8 coarse fields) repeated, each repeat scaled by a random factor: 365 fields by

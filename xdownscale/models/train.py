@@ -478,13 +478,14 @@ def train(
     crps_tolerance
         Which validated step is shipped: among those whose CRPS is within this fraction of the lowest,
         the one with the most realistic spectrum (:func:`choose_step`); 0 (default): the lowest CRPS.
-        On E-OBS Iberia (4000 steps) 0.02 chose the last step over the lowest CRPS's (step 2000): on the
-        validation winter its log-spectral distance was 0.45 against 0.66 for a CRPS 1.9% higher, but on
-        the test winters the two spectra were alike (0.44 and 0.46; largest power ratio 2.20 and 1.95)
-        and its ensemble was over-dispersed (spread/skill 1.27 against 1.02): one validation winter is
-        too few days to choose by the spectrum. Not part of the run's identity: resuming a finished run
-        with another value chooses again among the steps whose weights were kept (all steps with a
-        checkpoint left, and the candidates of the value the run was trained with).
+        On E-OBS Iberia (4000 steps, channels 32, 64, 64) 0.02 chose the last step over the lowest
+        CRPS's (step 2000): on the validation winter its log-spectral distance was 0.45 against 0.66 for
+        a CRPS 1.9% higher, but on the test winters the two spectra were alike (0.44 and 0.46) and its
+        ensemble was over-dispersed (spread/skill 1.27 against 1.02): one validation winter is few days
+        to choose by the spectrum. The shipped model (channels 48, 96, 96) was chosen with 0.02; see
+        docs/user-guide/training.md for what it gave. Not part of the run's identity: resuming a
+        finished run with another value chooses again among the steps whose weights were kept (all
+        steps with a checkpoint left, and the candidates of the value the run was trained with).
     resume
         Continue from the last checkpoint in ``out`` (the configuration must be the same).
     device
