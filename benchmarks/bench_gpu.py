@@ -14,7 +14,7 @@ parameters; 662.6 GFLOP per forward at 240 x 384) in bf16 autocast, NCHW:
    (``--sde-steps`` timed and scaled to 500; goal >= 400x); the CM per field also from the throughput of 2;
 4. training steps/s (the iCT loss, RAdam, gradient clipping, bf16 autocast: the step of
    ``xdownscale.train`` without EMA and checkpoints) for the paper network at 240 x 384 and for the shipped
-   Iberia CM network (48, 96, 96) at 41 x 61;
+   Iberia CM network (channels and grid from its card; 48, 96, 96 at 41 x 61);
 5. peak GPU memory of each part.
 
 The paper-sized CM and score models are made by ``xdownscale.train`` (one step; the weights do not change
@@ -346,6 +346,17 @@ def machine(device: Any) -> dict[str, Any]:
     }
 
 
+def shipped_network(name: str = "cm-eobs-iberia-0.25deg-pr") -> tuple[tuple[int, ...], tuple[int, int]]:
+    """The channels and grid shape of shipped model ``name``, read from its card."""
+    from xdownscale.models import list_models
+
+    found = [m for m in list_models() if m["name"] == name]
+    if not found:
+        raise SystemExit(f"shipped model {name!r} not found: install xdownscale with its weights/")
+    card = json.loads(Path(found[0]["path"]).with_suffix(".json").read_text())
+    return tuple(card["architecture"]["config"]["channels"]), found[0]["grid"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
@@ -372,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cases = [((8, 16), (16, 24), 4)]
     else:
         shape, channels, fields, batch, sde_steps, iters = (240, 384), PAPER_CHANNELS, 1024, 64, 50, 5
-        train_cases = [(PAPER_CHANNELS, (240, 384), 8), ((48, 96, 96), (41, 61), 32)]
+        train_cases = [(PAPER_CHANNELS, (240, 384), 8), (*shipped_network(), 32)]
     fields = args.fields or fields
     batch = args.batch_size or batch
     sde_steps = args.sde_steps or sde_steps

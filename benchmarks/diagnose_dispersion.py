@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,16 +39,20 @@ VALIDATION = slice("1996-12-01", "1997-02-28")
 BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 15.0), (15.0, np.inf))  # ensemble mean, mm/day
 
 
-def validation_case(doc: str, members: int) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray]:
-    """The command line of a diagnosis (``--members``, ``--days``, ``--model``; ``doc`` its help) and its
-    case: (arguments, the model, the validation winter's true days, the same days averaged over 4 x 4
-    blocks)."""
+def validation_case(
+    doc: str, members: int, options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray]:
+    """The command line of a diagnosis (``--members``, ``--days``, ``--model``, and what ``options`` adds;
+    ``doc`` its help) and its case: (arguments, the model, the validation winter's true days, the same
+    days averaged over 4 x 4 blocks)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=members)
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument(
         "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
     )
+    if options is not None:
+        options(parser)
     args = parser.parse_args()
     cm = xdownscale.load_model(args.model)
     path = DATA / "eobs_0.25deg_tp_djf1991-2000.nc"
