@@ -3,8 +3,10 @@
 ``preserve=True`` is the default of ``.downscale.cm`` and ``.sde``: for precipitation every output field
 gets the solved smooth multiplier, the exact per-cell pass and the drizzle rule
 (:func:`xdownscale.core.preserve.preserve_means`). This script times it per field against the exact
-per-cell pass alone (``smooth=None``: the baseline, a few sparse products per field), and measures the
-peak of traced memory (numpy and scipy allocations, ``tracemalloc``) and the set-up of the operators
+per-cell pass alone (``smooth=None``: the baseline, a few scatters per field), with the smooth field
+solved both ways (banded Cholesky solves, the CPU's default, and conjugate gradients, the accelerators'
+default) on ``--device``, and measures the peak of traced memory on the CPU (numpy and scipy
+allocations, ``tracemalloc``; torch's own allocations are not traced) and the set-up of the operators
 (:func:`xdownscale.xr.preserve.coarse_cell_operators`), on
 
 * the Iberia grid of the shipped models (41 x 61 fine cells at 0.25 deg, input 4x coarser), and
@@ -19,6 +21,7 @@ Usage::
     python benchmarks/bench_preserve.py              # about a minute on 2 cores
     python benchmarks/bench_preserve.py --fields 8   # fewer fields at 240 x 384
     python benchmarks/bench_preserve.py --json out.json
+    python benchmarks/bench_preserve.py --device cuda   # on a GPU (the banded solve runs on the CPU)
 """
 
 from __future__ import annotations
@@ -91,18 +94,34 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def run(cases: tuple[tuple[str, int, int, int], ...]) -> list[dict[str, Any]]:
+def run(cases: tuple[tuple[str, int, int, int], ...], device: str = "cpu") -> list[dict[str, Any]]:
+    import torch
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
     rows = []
     for name, ny, nx, nfields in cases:
         c = case(ny, nx, nfields)
-        kw = dict(wet_min=WET_MIN, coarse=c["values"])
+        kw = dict(wet_min=WET_MIN, coarse=c["values"], device=device)
         y, ref, cell = c["y"], c["p"], c["cell"]
-        default, peak = measure(lambda: preserve_means(y, ref, cell, c["smooth"], **kw))  # noqa: B023
-        exact, exact_peak = measure(lambda: preserve_means(y, ref, cell, None, **kw))  # noqa: B023
-        out = preserve_means(c["y"], c["p"], c["cell"], c["smooth"], **kw)
+
+        def solved(solver: str, smooth: Any = c["smooth"]) -> np.ndarray:
+            out = preserve_means(y, ref, cell, smooth, solver=solver, **kw)  # noqa: B023
+            sync()
+            return out
+
+        banded, peak = measure(lambda: solved("banded"))
+        cg, cg_peak = measure(lambda: solved("cg"))
+        exact, exact_peak = measure(lambda: solved("auto", None))
+        out = solved("banded")
         means = _cell_means(out, c["cell"], c["values"].shape[1])
         known = np.isfinite(c["values"])
         error = np.abs(means - c["values"])[known].max() / np.nanmax(c["values"])
+        out_cg = solved("cg")
+        error_cg = np.abs(_cell_means(out_cg, c["cell"], c["values"].shape[1]) - c["values"])[known].max()
+        gap = np.nanmax(np.abs(out_cg - out)) / np.nanmax(out)
         rows.append(
             {
                 "case": name,
@@ -110,12 +129,17 @@ def run(cases: tuple[tuple[str, int, int, int], ...]) -> list[dict[str, Any]]:
                 "coarse_cells": int(c["values"].shape[1]),
                 "fields": nfields,
                 "setup_s": c["setup"],
-                "default_ms_per_field": 1e3 * default / nfields,
+                "device": device,
+                "banded_ms_per_field": 1e3 * banded / nfields,
+                "cg_ms_per_field": 1e3 * cg / nfields,
                 "exact_only_ms_per_field": 1e3 * exact / nfields,
-                "ratio": default / exact,
+                "ratio": banded / exact,
                 "peak_mib": peak,
+                "cg_peak_mib": cg_peak,
                 "exact_only_peak_mib": exact_peak,
                 "largest_mean_error": float(error),
+                "largest_mean_error_cg": float(error_cg / np.nanmax(c["values"])),
+                "cg_vs_banded": float(gap),
             }
         )
     return rows
@@ -125,19 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fields", type=int, default=None, help="fields timed at 240 x 384 (default 32)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--device", default="cpu", help="where the correction runs (default cpu; e.g. cuda)")
     args = p.parse_args(argv)
     cases = tuple((name, ny, nx, args.fields if args.fields and ny > 100 else n) for name, ny, nx, n in CASES)
-    rows = run(cases)
+    rows = run(cases, args.device)
+    print(f"device: {args.device}; ms per field")
     print(
-        "| grid | fine / coarse cells | set-up, s | default, ms/field | exact pass only | ratio "
-        "| peak MiB (exact only) | largest error of a cell mean / max |"
+        "| grid | fine / coarse cells | set-up, s | banded solve | conjugate gradients | exact pass only "
+        "| banded / exact only | peak MiB: banded, CG (exact only) | largest error of a cell mean / max "
+        "(CG) | CG vs banded / max |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['case']} | {r['fine_cells']} / {r['coarse_cells']} | {r['setup_s']:.2f} | "
-            f"{r['default_ms_per_field']:.2f} | {r['exact_only_ms_per_field']:.2f} | {r['ratio']:.2f} | "
-            f"{r['peak_mib']:.0f} ({r['exact_only_peak_mib']:.0f}) | {r['largest_mean_error']:.1e} |"
+            f"{r['banded_ms_per_field']:.2f} | {r['cg_ms_per_field']:.2f} | "
+            f"{r['exact_only_ms_per_field']:.2f} | {r['ratio']:.2f} | "
+            f"{r['peak_mib']:.0f}, {r['cg_peak_mib']:.0f} ({r['exact_only_peak_mib']:.0f}) | "
+            f"{r['largest_mean_error']:.1e} ({r['largest_mean_error_cg']:.1e}) | {r['cg_vs_banded']:.1e} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -22,7 +22,7 @@ from diagnose_dispersion import validation_case
 from evaluate_iberia import CONSERVING, _mm, _paired_scores, _paired_sweep_table, paired_sweep
 
 from xdownscale.errors import XDownscaleWarning
-from xdownscale.xr.preserve import preserve_large_scales
+from xdownscale.preserve import preserve_large_scales
 
 FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 

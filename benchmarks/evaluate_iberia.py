@@ -34,7 +34,7 @@ import xdownscale
 from xdownscale import metrics
 from xdownscale.core.spectra import log_spectral_distance
 from xdownscale.errors import XDownscaleWarning
-from xdownscale.xr.preserve import preserve_large_scales
+from xdownscale.preserve import preserve_large_scales
 from xdownscale.xr.spectra import Scale
 from xdownscale.xr.units import convert_units
 

@@ -37,8 +37,8 @@ from evaluate_tas import _days, _table
 
 from xdownscale import metrics
 from xdownscale.errors import XDownscaleWarning
+from xdownscale.preserve import preserve_large_scales
 from xdownscale.xr.domain import allow_partial_coverage
-from xdownscale.xr.preserve import preserve_large_scales
 from xdownscale.xr.units import convert_units
 
 FIGURES = DOCS / "figures" / "evaluation-joint"

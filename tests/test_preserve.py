@@ -9,7 +9,8 @@ import xarray as xr
 from xdownscale.core.preserve import preserve_means
 from xdownscale.datasets import regional_grid, synthetic_precipitation
 from xdownscale.errors import InputError
-from xdownscale.xr.preserve import coarse_cell_operators, preserve_large_scales
+from xdownscale.preserve import preserve_large_scales
+from xdownscale.xr.preserve import coarse_cell_operators
 from xdownscale.xr.spectra import lowpass
 
 
@@ -295,9 +296,13 @@ def test_the_smooth_multiplier_is_floored_and_the_exact_pass_keeps_the_means() -
     np.testing.assert_allclose(means, values[0], rtol=1e-10)
 
 
-def test_the_banded_solve_is_the_dense_least_norm_solution() -> None:
+@pytest.mark.parametrize("banded", [True, False], ids=["banded", "cg"])
+def test_the_smooth_solve_is_the_dense_least_norm_solution(banded: bool) -> None:
     """Oracle: the smooth multiplier's values at the coarse centres are 1 + A^T (A A^T)^-1 (t - A 1) with
-    A built densely, on a random positive field and random targets (no floor reached)."""
+    A built densely, on a random positive field and random targets (no floor reached), by the banded
+    Cholesky solve and by conjugate gradients."""
+    import torch
+
     from xdownscale.core.preserve import _Cells
 
     _, _, cell, smooth = _ramp_case()
@@ -306,15 +311,30 @@ def test_the_banded_solve_is_the_dense_least_norm_solution() -> None:
     mean = np.zeros((24, cell.size))
     mean[cell, np.arange(cell.size)] = 1.0 / 16
     target = (y @ mean.T) * rng.uniform(0.8, 1.25, (2, 24))
-    solve = _Cells(np.ones(cell.size, bool), cell, smooth).solve
+    solve = _Cells(np.ones(cell.size, bool), cell, smooth, banded=banded).solve
     assert solve is not None
-    got = solve.multiplier(y, target, np.ones((2, 24), bool))
+    live = torch.ones((2, 24), dtype=torch.bool)
+    got = solve.multiplier(torch.from_numpy(y), torch.from_numpy(target), live).numpy()
     dense = smooth.toarray()
     for f in range(2):
         a = (mean * y[f]) @ dense
         r = 1.0 + a.T @ np.linalg.solve(a @ a.T, target[f] - a.sum(axis=1))
         np.testing.assert_allclose(got[f], dense @ r, rtol=1e-5)
         np.testing.assert_allclose(mean @ (y[f] * got[f]), target[f], rtol=1e-5)
+
+
+def _ragged_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+    """Fields on a 20 x 28 grid with a hole in the mask, dry cells and drizzle, a 1-degree input grid
+    with a ragged edge of coarse cells: (y, values, cell, smooth)."""
+    fine = xr.DataArray(np.ones((20, 28)), dims=("lat", "lon"), coords=regional_grid(20, 28, res=0.25).coords)
+    coarse = regional_grid(5, 7, lat0=float(fine.lat[0]) - 0.125, lon0=float(fine.lon[0]) - 0.125, res=1.0)
+    coarse = xr.DataArray(np.zeros((5, 7)), dims=("lat", "lon"), coords=coarse.coords)
+    cell, smooth = coarse_cell_operators(fine, coarse)
+    rng = np.random.default_rng(5)
+    y = rng.gamma(0.6, 2.0, (6, 20 * 28)) * (rng.uniform(size=(6, 20 * 28)) > 0.3)
+    y[:, 200:230] = np.nan  # a hole in the mask
+    values = rng.gamma(0.8, 2.0, (6, 35)) * (rng.uniform(size=(6, 35)) > 0.2)
+    return y, values, cell, smooth
 
 
 def test_the_correction_is_the_same_in_batches_of_any_size_and_its_operators_are_sparse(
@@ -325,18 +345,39 @@ def test_the_correction_is_the_same_in_batches_of_any_size_and_its_operators_are
     as one batch of all fields (on a grid with a hole in the mask and a ragged edge of coarse cells)."""
     import xdownscale.core.preserve as core_preserve
 
-    fine = xr.DataArray(np.ones((20, 28)), dims=("lat", "lon"), coords=regional_grid(20, 28, res=0.25).coords)
-    coarse = regional_grid(5, 7, lat0=float(fine.lat[0]) - 0.125, lon0=float(fine.lon[0]) - 0.125, res=1.0)
-    coarse = xr.DataArray(np.zeros((5, 7)), dims=("lat", "lon"), coords=coarse.coords)
-    cell, smooth = coarse_cell_operators(fine, coarse)
+    y, values, cell, smooth = _ragged_case()
     assert smooth is not None and smooth.nnz <= 4 * cell.size
-    rng = np.random.default_rng(5)
-    y = rng.gamma(0.6, 2.0, (6, 20 * 28)) * (rng.uniform(size=(6, 20 * 28)) > 0.3)
-    y[:, 200:230] = np.nan  # a hole in the mask
-    values = rng.gamma(0.8, 2.0, (6, 35)) * (rng.uniform(size=(6, 35)) > 0.2)
     whole = preserve_means(y, np.nan_to_num(y), cell, smooth, coarse=values, wet_min=0.1)
     monkeypatch.setattr(core_preserve, "_BUDGET", 1)
     one_by_one = preserve_means(y, np.nan_to_num(y), cell, smooth, coarse=values, wet_min=0.1)
     np.testing.assert_allclose(one_by_one, whole, rtol=1e-12, atol=1e-14)
     means = np.nanmean(whole.reshape(6, 5, 4, 7, 4), axis=(2, 4)).reshape(6, 35)
     np.testing.assert_allclose(means, values, rtol=1e-9, atol=1e-12)
+
+
+def test_conjugate_gradients_give_the_banded_result() -> None:
+    """The accelerator's solver (conjugate gradients, run here on the CPU) corrects the fields as the
+    exact banded solve does, to far below any data's precision, with the means met to round-off."""
+    y, values, cell, smooth = _ragged_case()
+    kw = dict(coarse=values, wet_min=0.1)
+    banded = preserve_means(y, np.nan_to_num(y), cell, smooth, solver="banded", **kw)
+    cg = preserve_means(y, np.nan_to_num(y), cell, smooth, solver="cg", **kw)
+    np.testing.assert_array_equal(np.isnan(cg), np.isnan(banded))
+    np.testing.assert_allclose(cg, banded, rtol=1e-8, atol=1e-10)
+    means = np.nanmean(cg.reshape(6, 5, 4, 7, 4), axis=(2, 4)).reshape(6, 35)
+    np.testing.assert_allclose(means, values, rtol=1e-9, atol=1e-12)
+
+
+def test_an_unknown_solver_is_named() -> None:
+    with pytest.raises(ValueError, match=r"solver='lu'.*'banded'"):
+        preserve_means(np.ones((1, 4)), np.ones((1, 4)), np.zeros(4, int), solver="lu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_correction_equals_the_cpus() -> None:
+    y, values, cell, smooth = _ragged_case()
+    kw = dict(coarse=values, wet_min=0.1)
+    cpu = preserve_means(y, np.nan_to_num(y), cell, smooth, **kw)
+    gpu = preserve_means(y, np.nan_to_num(y), cell, smooth, device="cuda", **kw)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-8, atol=1e-10)

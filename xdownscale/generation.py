@@ -166,15 +166,17 @@ def preserve_scales(
     *,
     units: str | None = None,
     base: xr.DataArray | None = None,
+    device: str | None = None,
 ) -> Any:
     """The output with the input's large scales (``rule``) restored, in the model's units.
 
     For ``"mean"`` each of the input's cells gets the mean the input ``da`` has there (``units``: its
     units where it has none), times the relative change bias correction made over the cell (``base``:
     the input on the model grid before it; None: no bias correction). For ``"smooth-mean"`` it gets the
-    mean of the prepared (regridded, bias-corrected) input over the cell."""
+    mean of the prepared (regridded, bias-corrected) input over the cell. The multiplicative rules run
+    on ``device`` (the network's; None: the CPU)."""
+    from .preserve import preserve_large_scales
     from .xr.domain import cut_to_domain
-    from .xr.preserve import preserve_large_scales
     from .xr.units import convert_units
 
     reference = model.transform.inverse(transformed).where(model_mask(model))
@@ -188,7 +190,9 @@ def preserve_scales(
             else:  # only its grid: the targets are the regridded input's means
                 coarse = coarse.isel({time: 0}, drop=True)
         wet_min = getattr(model.transform, "wet_min", None)
-        return preserve_large_scales(out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min)
+        return preserve_large_scales(
+            out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min, device=device
+        )
     wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
     if wavenumber is None:  # the input is at least as fine as the model grid
         return out

@@ -186,7 +186,9 @@ class Plan:
             base = None
             if self.preserve in MEAN_RULES and self.qdm is not None:
                 base = self.regridded(da).where(model_mask(model))
-            out = preserve_scales(out, prepared, da, model, self.preserve, units=self.units, base=base)
+            out = preserve_scales(
+                out, prepared, da, model, self.preserve, units=self.units, base=base, device=self.device
+            )
         out = flag_out_of_range(out, model)
         out.attrs = {}
         out.attrs["units"] = model.variable["units"]

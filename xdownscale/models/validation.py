@@ -197,14 +197,14 @@ class PerfectModelValidation:
     def physical(self, samples: np.ndarray) -> np.ndarray:
         """Members ``samples`` (fields, members, y, x) of the transformed space in physical units, as the
         default downscaling call returns them: with ``preserve``, the coarse fields' large scales restored
-        by :func:`xdownscale.xr.preserve.preserve_large_scales` (precipitation: each coarse cell's mean
+        by :func:`xdownscale.preserve.preserve_large_scales` (precipitation: each coarse cell's mean
         over its valid fine cells, generated drizzle moved onto the cell's wet values; other variables:
         the low-pass at the coarse grid's Nyquist wavenumber); without, generated drizzle set to 0."""
         log = bool(getattr(self.transform, "log", False))
         phys = np.asarray(self.transform.inverse(samples, dry=not (self.preserve and log)), dtype=np.float64)
         if not self.preserve:
             return phys
-        from ..xr.preserve import preserve_large_scales
+        from ..preserve import preserve_large_scales
 
         fine = self._fine
         time, ydim, xdim = fine.dims
