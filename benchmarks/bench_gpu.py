@@ -12,10 +12,12 @@ parameters; 662.6 GFLOP per forward at 240 x 384) in bf16 autocast, NCHW:
    from step 1), and its ratio to the bare network of the same kind (goal >= 0.9);
 3. the SDE bridge with 500 steps against the one-step CM on the same one batch of fields, both eager
    (``--sde-steps`` timed and scaled to 500; goal >= 400x); the CM per field also from the throughput of 2;
-4. training steps/s (the iCT loss, RAdam, gradient clipping, bf16 autocast: the step of
+4. ``preserve`` (the default large-scale correction, run on the device: conjugate gradients on CUDA)
+   alone, in ms per field on ``bench_preserve.py``'s synthetic case at the same grid, 4x coarser input;
+5. training steps/s (the iCT loss, RAdam, gradient clipping, bf16 autocast: the step of
    ``xdownscale.train`` without EMA and checkpoints) for the paper network at 240 x 384 and for the shipped
    Iberia CM network (channels and grid from its card; 48, 96, 96 at 41 x 61);
-5. peak GPU memory of each part.
+6. peak GPU memory of each part.
 
 The paper-sized CM and score models are made by ``xdownscale.train`` (one step; the weights do not change
 the cost) on synthetic precipitation put on a global 240 x 384 grid (0.75 x 0.9375 degrees, periodic in
@@ -282,6 +284,27 @@ def bench_sde(
     }
 
 
+def bench_preserve_on(device: Any, shape: tuple[int, int], fields: int, iters: int) -> dict[str, Any]:
+    """``preserve_means`` (default solver of ``device``) on ``fields`` synthetic fields of ``shape``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_preserve, also when imported
+    from bench_preserve import WET_MIN, case
+
+    from xdownscale.core.preserve import preserve_means
+
+    c = case(*shape, fields)
+
+    def run() -> None:
+        preserve_means(
+            c["y"], c["p"], c["cell"], c["smooth"], wet_min=WET_MIN, coarse=c["values"], device=str(device)
+        )
+
+    rate = _rate(run, device, fields, iters)
+    print(f"  preserve on {device.type}: {1e3 / rate:.2f} ms per field", flush=True)
+    return {"fields": fields, "ms_per_field": 1e3 / rate}
+
+
 def bench_training(
     channels: tuple[int, ...], shape: tuple[int, int], batch: int, device: Any, iters: int
 ) -> dict[str, Any]:
@@ -423,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         results["network"] = bench_network(model, device, batch, iters, sigma, compile_)
         results["e2e"] = bench_e2e(paths, coarse, device, batch, compile_, scale)
         results["sde"] = bench_sde(paths, coarse, device, batch, sde_steps, scale)
+    results["preserve"] = bench_preserve_on(device, shape, min(fields, 256), max(1, iters // 2))
     results["training"] = [bench_training(c, s, b, device, iters) for c, s, b in train_cases]
     results["seconds"] = time.time() - t_start
 
@@ -456,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
             f"SDE-500 / CM per field, same {s['fields']} fields, eager",
             f"{s['ratio']:.0f}x",
             f">= {GOALS['cm_vs_sde']:.0f}x",
+        )
+    )
+    rows.append(
+        (
+            f"preserve on the device, {results['preserve']['fields']} fields (ms per field)",
+            f"{results['preserve']['ms_per_field']:.2f}",
+            "-",
         )
     )
     for t in results["training"]:

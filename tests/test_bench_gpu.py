@@ -28,5 +28,7 @@ def test_bench_gpu_quick_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert res["e2e"]["eager"]["fields_per_s"] > 0 and res["e2e"]["eager"]["ratio_to_bare"] > 0
     assert res["sde"]["ratio"] > 1
     assert res["training"][0]["steps_per_s"] > 0
+    assert res["preserve"]["ms_per_field"] > 0
     text = capsys.readouterr().out
     assert "bare network, eager" in text and ".downscale.cm eager" in text and "SDE-500 / CM" in text
+    assert "preserve on the device" in text

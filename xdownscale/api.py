@@ -245,6 +245,7 @@ def downscale(
         ``"cuda"``, ``"cpu"``, ... Default: the accelerator of ``model`` when it is a loaded model moved
         to one (``model.to("cuda")``), else CUDA when available, else the CPU. A model runs from its
         file, loaded once per process and device: changes to a loaded network in memory are not used.
+        ``preserve``'s multiplicative correction runs on the same device.
     batch_size
         Fields per network call (default 64 on CUDA, 8 on CPU); halved on CUDA out-of-memory.
     precision
