@@ -1,6 +1,7 @@
 """Run a loaded model on blocks of prepared fields: numpy in, numpy out.
 
-This is the only place where the downscaling pipeline touches torch. The xarray side (``api.py``)
+This is where the downscaling pipeline runs the network (the other torch code after the network is
+``preserve``'s correction, :mod:`xdownscale.core.preserve`, on the same device). The xarray side (``api.py``)
 maps :func:`denoise_block` over time chunks; each process loads a model once from its file
 (:func:`cached_model`), so models are never shipped inside a dask task graph.
 
