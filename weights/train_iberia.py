@@ -2,7 +2,8 @@
 
     python weights/train_iberia.py --kind cm --steps 4000 --channels 48,96,96 --static-inputs \\
         --crps-tolerance 0.02
-    python weights/train_iberia.py --kind sde --steps 5000 --lr-schedule constant --static-inputs
+    python weights/train_iberia.py --kind sde --steps 5000 --lr-schedule constant --static-inputs \\
+        --channels 48,96,96
     python weights/train_iberia.py --kind cm --variable tas --steps 4000 --channels 32,48,48
     python weights/train_iberia.py --kind cm --variable pr+tas --steps 6000 --channels 32,48,48 --eps 0.1
 
