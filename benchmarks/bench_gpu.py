@@ -288,7 +288,9 @@ def bench_preserve_on(device: Any, shape: tuple[int, int], fields: int, iters: i
     """``preserve_means`` (default solver of ``device``) on ``fields`` synthetic fields of ``shape``."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_preserve, also when imported
+    here = str(Path(__file__).resolve().parent)  # bench_preserve, also when this file is imported
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from bench_preserve import WET_MIN, case
 
     from xdownscale.core.preserve import preserve_means

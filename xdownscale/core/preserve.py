@@ -157,7 +157,7 @@ def preserve_means(
     banded = solver == "banded" or (solver == "auto" and dev.type == "cpu")
 
     def put(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=dev)
+        return _tensor(a, dev, torch.float64)
 
     # fields with the same valid cells (usually all of them: the model's mask) are corrected together
     patterns, group = np.unique(np.packbits(finite, axis=1), axis=0, return_inverse=True)
@@ -177,9 +177,10 @@ def preserve_means(
                 pv = _to_coarse_values(
                     pv, torch.where(keep, put(b2[part]), 0.0), put(c2[part][:, ops.cells]), ops
                 )
-            fixed = _correct(yv, pv, ops)
+            target = ops.means(pv)  # (F, M)
+            fixed = _correct(yv, pv, target, ops)
             if wet_min is not None:
-                fixed = _without_drizzle(fixed, ops.means(pv), ops, wet_min)
+                fixed = _without_drizzle(fixed, target, ops, wet_min)
             out[part] = np.where(common, fixed.cpu().numpy(), np.nan)
     return out.reshape(shape)
 
@@ -216,10 +217,11 @@ class _Cells:
         self.where = torch.as_tensor(np.flatnonzero(valid), device=dev)
         self.own = torch.as_tensor(index.astype(np.int64), device=dev)  # owner of each valid cell
         self._gather = torch.as_tensor(np.maximum(owner, 0), device=dev)
-        self.counts = torch.as_tensor(np.bincount(index, minlength=m), dtype=torch.float64, device=dev)
+        counts = np.bincount(index, minlength=m).astype(np.float64)
+        self.counts = _tensor(counts, dev)
         self.solve = None
         if smooth is not None:
-            self.solve = _SmoothSolve(smooth[:, self.cells], owner, self.counts.cpu().numpy(), dev, banded)
+            self.solve = _SmoothSolve(smooth[:, self.cells], owner, counts, dev, banded)
         per_field = 12 * n + (0 if self.solve is None else self.solve.size)
         self.batch = int(np.clip(_BUDGET // per_field, 1, _BATCH))
 
@@ -230,6 +232,11 @@ class _Cells:
     def spread(self, v: torch.Tensor) -> torch.Tensor:
         """(F, M) -> (F, N): each valid fine cell takes its coarse cell's value; the others 0 (False)."""
         return torch.where(self.valid, v[:, self._gather], torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def _tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``a`` as a tensor on ``device`` (its own dtype unless ``dtype`` is given)."""
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
 
 def _sum_into(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -263,7 +270,7 @@ class _SmoothSolve:
         ja, ma = entries // cells, entries % cells
 
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(a), device=device)
+            return _tensor(a, device)
 
         self.cells, self.entries = cells, entries.size
         self.ja, self.ma = put(ja), put(ma)
@@ -383,9 +390,9 @@ def _to_coarse_values(p: torch.Tensor, base: torch.Tensor, values: torch.Tensor,
     return torch.where(ops.valid, scaled, p)
 
 
-def _correct(y: torch.Tensor, p: torch.Tensor, ops: _Cells) -> torch.Tensor:
-    """The smooth field and the exact pass for a stack of fields (F, N)."""
-    target = ops.means(p)  # (F, M)
+def _correct(y: torch.Tensor, p: torch.Tensor, target: torch.Tensor, ops: _Cells) -> torch.Tensor:
+    """The smooth field and the exact pass for a stack of fields (F, N); ``target`` (F, M) the means
+    of ``p`` over the coarse cells."""
     tiny = 1e-12 * target.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
     dry = target <= tiny
     # a dry coarse cell stays dry; a wet one the output left dry takes the input's values
