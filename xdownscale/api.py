@@ -245,13 +245,17 @@ def downscale(
         ``"cuda"``, ``"cpu"``, ... Default: the accelerator of ``model`` when it is a loaded model moved
         to one (``model.to("cuda")``), else CUDA when available, else the CPU. A model runs from its
         file, loaded once per process and device: changes to a loaded network in memory are not used.
-        ``preserve``'s multiplicative correction runs on the same device.
+        ``preserve``'s multiplicative correction runs on the same device. On an accelerator the whole
+        chain does (regridding, low-pass, transform, network, inverse, mask, ``preserve``), batch by
+        batch, from the input's own grid: only the coarse fields go to the device and the finished ones
+        come back (bias correction stays on the CPU); the environment variable ``XDOWNSCALE_PIPELINE``
+        (``auto``, ``device``, ``host``) chooses otherwise (:mod:`xdownscale.ondevice`).
     batch_size
         Fields per network call (default 64 on CUDA, 8 on CPU); halved on CUDA out-of-memory.
     precision
         ``"auto"``: bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), float32
-        elsewhere (emulated bf16 is slower); ``"fp32"`` or ``"bf16"`` to force one. Channels-last memory
-        either way. bf16 output agrees with fp32 to about 1e-2 in the transformed space.
+        elsewhere (emulated bf16 is slower); ``"fp32"`` or ``"bf16"`` to force one. NCHW memory
+        format either way. bf16 output agrees with fp32 to about 1e-2 in the transformed space.
     member_dim
         Keep a ``member`` dimension even when ``members == 1`` (default: only when ``members > 1``).
     progress

@@ -46,6 +46,12 @@ if TYPE_CHECKING:
 __all__ = ["Plan", "make_plan"]
 
 
+def _downscale_on_device(plan: Plan, da: xr.DataArray) -> xr.DataArray:
+    from .ondevice import downscale_on_device
+
+    return downscale_on_device(plan, da)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One downscaling with everything resolved once: the model, the fitted QDM, the scale (and its
@@ -150,13 +156,25 @@ class Plan:
                 f"{label(da)} has several realizations; a plan belongs to one. Make a plan per "
                 "realization, or call da.downscale.cm(...) on the ensemble."
             )
+        if self.on_device:
+            return self._label(da, _downscale_on_device(self, da))
         return self._apply(da, self.prepare(da))
+
+    @property
+    def on_device(self) -> bool:
+        """Whether this plan runs its whole chain on its device (:mod:`xdownscale.ondevice`) instead of
+        preparing the fields with xarray on the CPU."""
+        from .ondevice import runs_on_device
+
+        return runs_on_device(self.device, self.model, self.preserve, self.qdm is not None)
 
     def sigma(self) -> Any:
         """sigma(t*) of the scale: a float, or a lazy dask scalar while ``"auto"`` waits for lazy data."""
         return self.scale.sigma(self.model) if not self.scale_resolved else float(self.scale.sigma)
 
     def _apply(self, da: xr.DataArray, prepared: xr.DataArray) -> xr.DataArray:
+        if self.on_device:
+            return self._label(da, _downscale_on_device(self, da))
         values = denoise(
             prepared,
             self.model,
@@ -189,6 +207,12 @@ class Plan:
             out = preserve_scales(
                 out, prepared, da, model, self.preserve, units=self.units, base=base, device=self.device
             )
+        return self._label(da, out)
+
+    def _label(self, da: xr.DataArray, out: xr.DataArray) -> xr.DataArray:
+        """The range check, the caller's units, the member dimension, the name and the attributes of
+        the output ``out`` (time, member, y, x; the model's units) of ``da``."""
+        model = self.model
         out = flag_out_of_range(out, model)
         out.attrs = {}
         out.attrs["units"] = model.variable["units"]
@@ -263,7 +287,14 @@ def make_plan(
         batch_size = 64 if dev.type == "cuda" else 8
     rule = preserve_rule(preserve, loaded, bias_corrected=qdm is not False and qdm is not None)
     checked, grid, _ = check_input(da, loaded, units)
-    fine = to_model_grid(checked, grid, loaded, regrid=regrid, lowpass=lowpass, units=units)
+    from .ondevice import runs_on_device
+
+    # on the device route the fields are prepared on the device: here only what the plan needs
+    # (the sample of "auto"), lazily
+    lazy = checked.chunks is None and qdm in (False, None) and runs_on_device(str(dev), loaded, rule, False)
+    fine = to_model_grid(
+        checked.chunk() if lazy else checked, grid, loaded, regrid=regrid, lowpass=lowpass, units=units
+    )
     fitted = None
     hist_fine = None
     if isinstance(qdm, QDM):
@@ -280,7 +311,7 @@ def make_plan(
         reference = prepared
         if hist is not None and hist_fine is not None and fitted is not None:
             reference = finish(keeping_time_chunks(hist_fine, fitted.adjust), loaded, True)
-        if reference.chunks is not None:
+        if reference.chunks is not None and not lazy:
             from .xr.spectra import masked_estimator
 
             spectrum = input_psd(reference, scale_sample, masked_estimator(loaded.target_psd))

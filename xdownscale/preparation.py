@@ -33,6 +33,7 @@ __all__ = [
     "check_call",
     "check_input",
     "check_sigma",
+    "coarse_on_domain",
     "finish",
     "fit_qdm",
     "hist_on_model_grid",
@@ -142,13 +143,13 @@ def check_input(da: Any, model: Model, units: str | None) -> tuple[xr.DataArray,
     return da, grid, time
 
 
-def to_model_grid(
-    da: xr.DataArray, grid: Grid, model: Model, *, regrid: str, lowpass: bool, units: str | None
-) -> xr.DataArray:
-    """Steps 1-3: model units, cut, regrid, low-pass. Returns (time, lat, lon) on the model grid."""
+def coarse_on_domain(
+    da: xr.DataArray, grid: Grid, model: Model, *, units: str | None
+) -> tuple[xr.DataArray, float]:
+    """Steps 1-2 on the input's own grid: model units (float64), cut to the model's domain, gaps filled
+    from the nearest cell. Returns the fields and the low-pass cut-off that the input's resolution sets on
+    the model grid (cycles per model cell; 0.5 or more: none)."""
     from .xr.domain import cut_to_domain, fill_nan_nearest
-    from .xr.regrid import regrid as regrid_to
-    from .xr.spectra import lowpass as lowpass_filter
     from .xr.units import convert_units
 
     coarse_km = float(np.sqrt(np.prod(grid_spacing_km(da, grid))))
@@ -156,10 +157,19 @@ def to_model_grid(
     # same float32 values, so results do not depend on chunking
     da = convert_units(da.astype(np.float64), model.variable["units"], units=units)
     da = fill_nan_nearest(cut_to_domain(da, grid, model.grid), grid)
+    fine_km = float(np.sqrt(np.prod(grid_spacing_km(model.grid, find_grid(model.grid)))))
+    return da, 0.5 * fine_km / coarse_km
+
+
+def to_model_grid(
+    da: xr.DataArray, grid: Grid, model: Model, *, regrid: str, lowpass: bool, units: str | None
+) -> xr.DataArray:
+    """Steps 1-3: model units, cut, regrid, low-pass. Returns (time, lat, lon) on the model grid."""
+    from .xr.regrid import regrid as regrid_to
+    from .xr.spectra import lowpass as lowpass_filter
+
+    da, cutoff = coarse_on_domain(da, grid, model, units=units)
     fine = regrid_to(da, model.grid, method=regrid)
-    fine_grid = find_grid(model.grid)
-    fine_km = float(np.sqrt(np.prod(grid_spacing_km(model.grid, fine_grid))))
-    cutoff = 0.5 * fine_km / coarse_km
     if lowpass and cutoff < 0.5:
         fine = lowpass_filter(fine, cutoff)
         if model.variable["kind"] == "precipitation":

@@ -52,7 +52,7 @@ import torch
 
 from .transforms import WET_TOLERANCE
 
-__all__ = ["preserve_means"]
+__all__ = ["MeanPreserver", "preserve_means"]
 
 #: most fields corrected together
 _BATCH = 256
@@ -164,25 +164,73 @@ def preserve_means(
     for g in range(len(patterns)):
         fields = np.flatnonzero(group.ravel() == g)
         common = finite[fields[0]]
-        valid = common & (cell >= 0)
-        if not valid.any():
+        if not (common & (cell >= 0)).any():
             continue
-        ops = _Cells(valid, cell, s, dev, banded=banded)
-        keep = torch.as_tensor(common, device=dev)
-        for start in range(0, fields.size, ops.batch):
-            part = fields[start : start + ops.batch]
-            yv = torch.where(keep, put(out[part]), 0.0)
-            pv = torch.where(keep, put(p2[part]), 0.0)
+        fix = MeanPreserver(common, cell, s, dev, wet_min=wet_min, banded=banded)
+        for start in range(0, fields.size, fix.batch):
+            part = fields[start : start + fix.batch]
+            c = b = None
             if c2 is not None and b2 is not None:
-                pv = _to_coarse_values(
-                    pv, torch.where(keep, put(b2[part]), 0.0), put(c2[part][:, ops.cells]), ops
-                )
-            target = ops.means(pv)  # (F, M)
-            fixed = _correct(yv, pv, target, ops)
-            if wet_min is not None:
-                fixed = _without_drizzle(fixed, target, ops, wet_min)
+                c, b = put(c2[part]), put(b2[part])
+            fixed = fix(put(out[part]), put(p2[part]), coarse=c, base=b)
             out[part] = np.where(common, fixed.cpu().numpy(), np.nan)
     return out.reshape(shape)
+
+
+class MeanPreserver:
+    """:func:`preserve_means` for fields that share one set of valid cells, on tensors: the operators are
+    built once (on ``device``), then each call corrects a stack of fields there.
+
+    Parameters
+    ----------
+    common
+        Shape (N,), bool: the valid fine cells (the others are NaN in the output).
+    cell, smooth, wet_min
+        As for :func:`preserve_means`.
+    device
+        Where the operators live and the arithmetic runs (float64).
+    banded
+        Solve the smooth field's systems in banded form on the CPU (else conjugate gradients on
+        ``device``).
+    """
+
+    def __init__(
+        self,
+        common: np.ndarray,
+        cell: np.ndarray,
+        smooth: sp.csr_matrix | None,
+        device: torch.device,
+        *,
+        wet_min: float | None = None,
+        banded: bool = True,
+    ) -> None:
+        self.ops = _Cells(common & (cell >= 0), cell, smooth, device, banded=banded)
+        self.keep = torch.as_tensor(common, device=device)
+        self.wet_min = wet_min
+        #: fields per call within the memory budget
+        self.batch = self.ops.batch
+
+    def __call__(
+        self,
+        y: torch.Tensor,
+        p: torch.Tensor,
+        *,
+        coarse: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``y`` (F, N) corrected to the coarse means of ``p`` (F, N), or with ``coarse`` (F, M over all
+        the input's cells) and ``base`` (F, N) to the input's values (see :func:`preserve_means`);
+        float64 tensors on the operators' device. Cells outside ``common`` come back as ``y`` has them."""
+        ops = self.ops
+        yv = torch.where(self.keep, y, 0.0)
+        pv = torch.where(self.keep, p, 0.0)
+        if coarse is not None and base is not None:
+            pv = _to_coarse_values(pv, torch.where(self.keep, base, 0.0), coarse[:, ops.cells_t], ops)
+        target = ops.means(pv)  # (F, M)
+        fixed = _correct(yv, pv, target, ops)
+        if self.wet_min is not None:
+            fixed = _without_drizzle(fixed, target, ops, self.wet_min)
+        return torch.where(self.keep, fixed, y)
 
 
 def _float64_device(device: str | torch.device | None) -> torch.device:
@@ -209,6 +257,7 @@ class _Cells:
         dev = torch.device("cpu") if device is None else device
         n = valid.size
         self.cells, index = np.unique(cell[valid], return_inverse=True)
+        self.cells_t = torch.as_tensor(self.cells, device=dev)
         m = self.cells.size
         owner = np.full(n, -1)
         owner[valid] = index

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from ..core.rng import KeyedNoise, sample_key
 from ..core.samplers import sde_bridge, sdedit_cm
 from ..core.sde import VESDE
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .pipeline import BoundPipeline, FieldPipeline
 
 __all__ = [
     "COMPILE_MIN_EVALUATIONS",
@@ -361,19 +364,27 @@ class _Stager:
     needed again (or at :meth:`finish`), after an event says the copy is done.
     """
 
-    def __init__(self, device: torch.device, batch: int, shape: tuple[int, ...], out: np.ndarray) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        batch: int,
+        shape: tuple[int, ...],
+        out: np.ndarray,
+        out_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.out = out  # (samples, C, H, W)
+        self.out = out  # (samples, *out_shape)
         self._turn = 0
         if self.cuda:
             self._up = [torch.empty((batch, *shape), pin_memory=True) for _ in range(2)]
             self._up_done: list[torch.cuda.Event | None] = [None, None]
-            self._down = [torch.empty((batch, *shape), pin_memory=True) for _ in range(2)]
+            down = shape if out_shape is None else out_shape
+            self._down = [torch.empty((batch, *down), pin_memory=True) for _ in range(2)]
             self._down_done: list[tuple[torch.cuda.Event, slice] | None] = [None, None]
 
     def upload(self, fields: Tensor) -> Tensor:
-        """Fields (B, C, H, W) on the host -> on the device."""
+        """Fields (B, *shape) on the host -> on the device."""
         if not self.cuda:
             return fields
         k = self._turn
@@ -389,7 +400,7 @@ class _Stager:
         return on_device
 
     def download(self, result: Tensor, rows: slice) -> None:
-        """Write ``result[: rows length]`` (B, C, H, W) to ``out[rows]`` (now, or once its copy is done)."""
+        """Write ``result[: rows length]`` (B, *out_shape) to ``out[rows]`` (now, or once copied)."""
         n = rows.stop - rows.start
         if not self.cuda:
             self.out[rows] = result[:n].numpy()
@@ -438,7 +449,7 @@ def _run_batch(
 
 
 _NOISE_POOL: ThreadPoolExecutor | None = None
-_STAGERS: dict[tuple[str, int, tuple[int, ...]], _Stager] = {}
+_STAGERS: dict[tuple[str, int, tuple[int, ...], tuple[int, ...] | None], _Stager] = {}
 
 
 def _noise_pool() -> ThreadPoolExecutor:
@@ -449,14 +460,20 @@ def _noise_pool() -> ThreadPoolExecutor:
         return _NOISE_POOL
 
 
-def _stager(device: torch.device, batch: int, shape: tuple[int, ...], out: np.ndarray) -> _Stager:
+def _stager(
+    device: torch.device,
+    batch: int,
+    shape: tuple[int, ...],
+    out: np.ndarray,
+    out_shape: tuple[int, ...] | None = None,
+) -> _Stager:
     """A stager for ``out``; on CUDA its page-locked buffers are kept for the next call of that size."""
     if device.type != "cuda":
-        return _Stager(device, batch, shape, out)
-    key = (str(device), batch, shape)
+        return _Stager(device, batch, shape, out, out_shape)
+    key = (str(device), batch, shape, out_shape)
     stager = _STAGERS.get(key)
     if stager is None:
-        stager = _STAGERS[key] = _Stager(device, batch, shape, out)
+        stager = _STAGERS[key] = _Stager(device, batch, shape, out, out_shape)
     stager.out = out
     return stager
 
@@ -477,8 +494,10 @@ def denoise_block(
     precision: str = "auto",
     progress: Callable[[int], None] | None = None,
     compile: str | None = None,
+    pipeline: FieldPipeline | None = None,
 ) -> np.ndarray:
-    """Noise and denoise a block of prepared fields.
+    """Noise and denoise a block of prepared fields (or, with ``pipeline``, downscale a block of input
+    fields with every step on ``device``).
 
     Parameters
     ----------
@@ -497,11 +516,16 @@ def denoise_block(
     compile
         Compile policy (:func:`compile_policy`; default: the ``XDOWNSCALE_COMPILE`` environment variable,
         else ``"auto"``). Compiled or not, a sample agrees to float rounding (bf16 rounding in bf16).
+    pipeline
+        The steps before and after the network, run on ``device`` for each batch
+        (:class:`~xdownscale.models.pipeline.FieldPipeline`); ``x`` is then its packed input rows
+        (T, ``pipeline.input_size``) and the result the finished fields in physical units.
 
     Returns
     -------
     ndarray
-        Shape (T, members, H, W) (or (T, members, C, H, W)), float32, NaN where ``x`` was NaN.
+        Shape (T, members, H, W) (or (T, members, C, H, W)), float32, NaN where ``x`` was NaN (with
+        ``pipeline``: where the model is masked or a field is missing).
     """
     levels = tuple(float(v) for v in np.atleast_1d(np.asarray(sigma, dtype=np.float64)))
     if len(levels) > 1 and method != "cm":
@@ -509,12 +533,22 @@ def denoise_block(
     policy = compile_policy(compile)
     model = cached_model(model_path, sha256, device)
     dev = torch.device(device)
-    fields = x if x.ndim == 4 else x[:, None]
-    ntime, nchan, ny, nx = fields.shape
-    nan = ~np.isfinite(fields)
+    bound = None
+    if pipeline is not None:
+        bound = pipeline.on(dev)
+        ntime, nchan, (ny, nx) = x.shape[0], 1, pipeline.fine_shape
+        nan = None
+        host = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    else:
+        fields = x if x.ndim == 4 else x[:, None]
+        ntime, nchan, ny, nx = fields.shape
+        nan = ~np.isfinite(fields)
+        host = torch.from_numpy(np.where(nan, np.float32(0), fields).astype(np.float32, copy=False))
     job = _Job(
-        host=torch.from_numpy(np.where(nan, np.float32(0), fields).astype(np.float32, copy=False)),
+        host=host,
         out=np.empty((ntime * members, nchan, ny, nx), dtype=np.float32),
+        shape=(nchan, ny, nx),
+        pipeline=bound,
         keys=[sample_key(int(keys[t]), m) for t in range(ntime) for m in range(members)],
         members=members,
         method=method,
@@ -532,7 +566,8 @@ def denoise_block(
     while job.done < len(job.keys):
         with lock:
             network, fixed = network_runner(model, dev, size, (nchan, ny, nx), evaluations, policy)
-            stager = _stager(dev, size, (nchan, ny, nx), job.out)
+            down = None if bound is None else (nchan, ny, nx)
+            stager = _stager(dev, size, tuple(host.shape[1:]), job.out, down)
             try:
                 job.run(network, size, fixed, stager)
             except torch.cuda.OutOfMemoryError:
@@ -543,14 +578,17 @@ def denoise_block(
             finally:
                 stager.finish()
     values = job.out.reshape(ntime, members, nchan, ny, nx)
-    values[np.broadcast_to(nan[:, None], values.shape)] = np.nan
+    if nan is not None:
+        values[np.broadcast_to(nan[:, None], values.shape)] = np.nan
     return values if x.ndim == 4 else values[:, :, 0]
 
 
 class _Job:
     """The samples of one :func:`denoise_block` call and how far they are done.
 
-    Sample ``k`` is field ``k // members``, member ``k % members``, noise key ``keys[k]``.
+    Sample ``k`` is field ``k // members``, member ``k % members``, noise key ``keys[k]``. ``shape``:
+    the network's fields (C, H, W; default: those of ``host``); ``pipeline``: the steps around the
+    network on the device, if any (``host`` then holds its input rows).
     """
 
     def __init__(
@@ -568,8 +606,12 @@ class _Job:
         draws: int,
         pool: ThreadPoolExecutor | None,
         progress: Callable[[int], None] | None,
+        shape: tuple[int, ...] | None = None,
+        pipeline: BoundPipeline | None = None,
     ) -> None:
         self.host, self.out, self.keys, self.members = host, out, keys, members
+        self.shape = tuple(host.shape[1:]) if shape is None else shape
+        self.pipeline = pipeline
         self.method, self.sigma, self.steps, self.seed = method, sigma, steps, seed
         self.precision, self.draws, self.pool, self.progress = precision, draws, pool, progress
         self.done = 0
@@ -578,7 +620,7 @@ class _Job:
         return PrefetchedNoise(
             self.keys[start:stop],
             seed=self.seed,
-            shape=tuple(self.host.shape[1:]),
+            shape=self.shape,
             batch_size=rows,
             draws=self.draws,
             device=device,
@@ -602,8 +644,12 @@ class _Job:
                 fields = torch.cat([fields, fields.new_zeros((rows - (stop - start), *fields.shape[1:]))])
             noise = following or self._noise(start, stop, rows, stager.device)
             batch = stager.upload(fields)
+            if self.pipeline is not None:
+                batch, context = self.pipeline.before(batch)
             result = _run_batch(network, self.method, batch, self.sigma, self.steps, noise, self.precision)
             noise.close()
+            if self.pipeline is not None:
+                result = self.pipeline.after(result, context)
             stager.download(result, slice(start, stop))
             following = None
             if self.pool is not None and stop < total:  # draw the next batch's noise while this one runs

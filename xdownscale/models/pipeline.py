@@ -1,0 +1,250 @@
+"""The steps around the network, on the network's device: a downscaling's whole chain per batch.
+
+On an accelerator the xarray pipeline would prepare every field on the CPU (regridding, low-pass, the
+transform), copy it to the device and back, and correct it on the CPU again; at the paper's 240 x 384
+grid that is about 10 ms of CPU work per field, several times the network's time on a GPU. A
+:class:`FieldPipeline` instead describes those steps once (numpy arrays, built on the host by
+:mod:`xdownscale.ondevice`), and :func:`denoise_block` runs them on the device around the network:
+
+``coarse fields -> regrid -> low-pass -> clip -> mask -> transform -> noise, denoise -> inverse -> mask ->
+preserve -> fine fields``
+
+Only the coarse fields go to the device (16 times fewer values than the fine ones at a 4x refinement)
+and only the finished fine fields come back. With bias correction (QDM, which ranks each cell over the
+whole period and so cannot run per batch), the input is the corrected fine field and the chain starts
+at the mask.
+
+The arithmetic is that of the xarray pipeline in float32 (float64 for ``preserve``), so outputs agree
+with it to float rounding (bf16 rounding where the network runs in bf16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.fieldops import Lowpass, Regrid, log_forward, log_inverse
+from ..core.preserve import MeanPreserver
+from ..core.transforms import WET_TOLERANCE
+
+__all__ = ["FieldPipeline"]
+
+
+@dataclass(eq=False)
+class FieldPipeline:
+    """What happens to each field before and after the network, described on the host.
+
+    Parameters
+    ----------
+    fine_shape
+        The model grid (H, W).
+    mask
+        (H, W) bool: the model's valid cells.
+    eps, lo, hi, log, wet_min
+        The model transform (:class:`xdownscale.transforms.LogNormalize`).
+    regrid
+        From the input's grid to the model's; None when the input fields are already on the model grid.
+    lowpass
+        The input's low-pass on the model grid, or None.
+    clip
+        Clip the regridded, low-passed fields at 0 (precipitation).
+    preserve
+        None, ``"mean"`` (multiplicative, exact coarse-cell means) or ``"lowpass"`` (additive).
+    cell, smooth
+        For ``"mean"``: the coarse cell of each fine cell and the interpolation from the coarse-cell
+        centres (:func:`xdownscale.xr.preserve.coarse_cell_operators`).
+    values
+        For ``"mean"``: the number of the input's own coarse values each field carries (the targets are
+        those values); 0: the targets are the means of the prepared input.
+    preserve_lowpass
+        For ``"lowpass"``: the low-pass at the scale kept.
+    """
+
+    fine_shape: tuple[int, int]
+    mask: np.ndarray
+    eps: float
+    lo: float
+    hi: float
+    log: bool
+    wet_min: float | None = None
+    regrid: Regrid | None = None
+    lowpass: Lowpass | None = None
+    clip: bool = False
+    preserve: str | None = None
+    cell: np.ndarray | None = None
+    smooth: Any = None
+    values: int = 0
+    preserve_lowpass: Lowpass | None = None
+    token: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        if self.preserve not in (None, "mean", "lowpass"):
+            raise ValueError(f"preserve={self.preserve!r}: expected None, 'mean' or 'lowpass'.")
+        digest = hashlib.sha256()
+        for part in (self.fine_shape, self.eps, self.lo, self.hi, self.log, self.wet_min, self.clip,
+                     self.preserve, self.values):  # fmt: skip
+            digest.update(repr(part).encode())
+        for array in (self.mask, self.cell):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        for op in (self.regrid, self.lowpass, self.preserve_lowpass):
+            digest.update(repr(_fingerprint(op)).encode())
+        if self.smooth is not None:
+            import scipy.sparse as sp
+
+            s = sp.csr_matrix(self.smooth)
+            for a in (s.indptr, s.indices, s.data):
+                digest.update(np.ascontiguousarray(a).tobytes())
+        self.token = digest.hexdigest()
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
+
+    @property
+    def input_size(self) -> int:
+        """Values per field going to the device: the input field, then the coarse values."""
+        shape = self.regrid.src_shape if self.regrid is not None else self.fine_shape
+        return int(np.prod(shape)) + self.values
+
+    def pack(self, fields: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        """Fields (T, h, w) and their coarse values (T, M) as the rows (T, :attr:`input_size`) that
+        :func:`~xdownscale.models.inference.denoise_block` takes."""
+        rows = [np.asarray(fields, dtype=np.float32).reshape(len(fields), -1)]
+        if self.values:
+            assert values is not None
+            rows.append(np.asarray(values, dtype=np.float32).reshape(len(fields), -1))
+        return np.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+
+    def on(self, device: torch.device) -> BoundPipeline:
+        """The pipeline's operators on ``device`` (kept for later calls with the same pipeline)."""
+        key = (self.token, str(device))
+        with _LOCK:
+            bound = _BOUND.get(key)
+            if bound is None:
+                bound = _BOUND[key] = BoundPipeline(self, device)
+                while len(_BOUND) > _KEEP:
+                    _BOUND.popitem(last=False)
+            _BOUND.move_to_end(key)
+            return bound
+
+
+def _fingerprint(op: Any) -> Any:
+    if op is None:
+        return None
+    parts = []
+    for name, value in sorted(vars(op).items()):
+        if isinstance(value, np.ndarray):
+            parts.append((name, hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()))
+        elif hasattr(value, "indptr"):
+            parts.append((name, hashlib.sha256(np.ascontiguousarray(value.data).tobytes()).hexdigest()))
+        else:
+            parts.append((name, repr(value)))
+    return parts
+
+
+_LOCK = threading.Lock()
+_BOUND: OrderedDict[tuple[str, str], BoundPipeline] = OrderedDict()
+_KEEP = 4
+
+
+class BoundPipeline:
+    """A :class:`FieldPipeline` on a device: :meth:`before` and :meth:`after` the network."""
+
+    def __init__(self, spec: FieldPipeline, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = torch.float32
+        self.mask = torch.as_tensor(spec.mask, device=device)
+        self.regrid = None if spec.regrid is None else spec.regrid.to(device, self.dtype)
+        self.lowpass = None if spec.lowpass is None else spec.lowpass.to(device, self.dtype)
+        self.preserve_lowpass = (
+            None if spec.preserve_lowpass is None else spec.preserve_lowpass.to(device, torch.float64)
+        )
+        self.preserver = None
+        if spec.preserve == "mean":
+            from .. import core
+
+            common = spec.mask.copy()
+            if spec.regrid is not None:
+                common &= ~np.asarray(spec.regrid.drop)
+            dev = core.preserve._float64_device(device)
+            assert spec.cell is not None
+            self.preserver = MeanPreserver(
+                common.ravel(), spec.cell, spec.smooth, dev, wet_min=spec.wet_min, banded=dev.type == "cpu"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Physical fields -> the model's transformed space."""
+        s = self.spec
+        xt = log_forward(x, s.eps) if s.log else x
+        return 2.0 * (xt - s.lo) / (s.hi - s.lo) - 1.0
+
+    def inverse(self, y: torch.Tensor, *, dry: bool) -> torch.Tensor:
+        """The model's transformed space -> physical fields (``dry``: amounts under ``wet_min`` to 0)."""
+        s = self.spec
+        xt = (y + 1.0) * ((s.hi - s.lo) / 2.0) + s.lo
+        if not s.log:
+            return xt
+        x = log_inverse(xt, s.eps)
+        if dry and s.wet_min is not None:
+            x = torch.where(x < s.wet_min * (1.0 - WET_TOLERANCE), 0.0, x)
+        return x
+
+    def before(self, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Rows (B, input_size) on the device -> the network's input (B, 1, H, W) (0 where masked) and
+        what :meth:`after` needs."""
+        s = self.spec
+        b = rows.shape[0]
+        n = rows.shape[1] - s.values
+        src = rows[:, :n].to(self.dtype)
+        values = rows[:, n:].to(torch.float64) if s.values else None
+        # a missing field: all NaN (the input's gaps were filled on its grid; a fine field is NaN where
+        # the model is masked)
+        gap = ~torch.isfinite(src).any(dim=1)
+        if self.regrid is not None:
+            src = torch.where(gap[:, None], 0.0, src)
+            f = self.regrid(src.reshape(b, *self.regrid.src_shape))
+            if self.lowpass is not None:
+                f = self.lowpass(f)
+            if s.clip:
+                f = f.clamp_min(0.0)
+        else:
+            f = src.reshape(b, *s.fine_shape)
+        f = f.masked_fill(~self.mask | gap[:, None, None], float("nan"))
+        x = self.forward(f)
+        return torch.nan_to_num(x, nan=0.0)[:, None], (x, values)
+
+    def after(self, result: torch.Tensor, context: Any) -> torch.Tensor:
+        """The network's output (B, 1, H, W) -> physical fields (B, 1, H, W), NaN where masked."""
+        x, values = context
+        s = self.spec
+        missing = ~torch.isfinite(x)
+        y = self.inverse(result[:, 0].to(self.dtype), dry=s.preserve != "mean")
+        y = y.masked_fill(missing, float("nan"))
+        if s.preserve is not None:
+            b = y.shape[0]
+            dev = self.preserver.ops.device if self.preserver is not None else self.device
+            p = self.inverse(x.to(torch.float64), dry=False).to(dev)  # the prepared input, physical
+            y64 = y.to(device=dev, dtype=torch.float64)
+            if self.preserver is not None:
+                yf, pf = torch.nan_to_num(y64).reshape(b, -1), torch.nan_to_num(p).reshape(b, -1)
+                v = None if values is None else values.to(dev)
+                step = self.preserver.batch  # fields per call within its memory budget
+                fixed = torch.cat([
+                    self.preserver(
+                        yf[i : i + step], pf[i : i + step],
+                        coarse=None if v is None else v[i : i + step],
+                        base=None if v is None else pf[i : i + step],
+                    ) for i in range(0, b, step)
+                ]).reshape(y64.shape)  # fmt: skip
+            else:
+                assert self.preserve_lowpass is not None
+                fixed = y64 + self.preserve_lowpass(torch.nan_to_num(p - y64))
+            y = fixed.to(device=self.device, dtype=self.dtype).masked_fill(missing, float("nan"))
+        return y[:, None]
