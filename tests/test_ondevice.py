@@ -19,7 +19,7 @@ from xdownscale.core.fieldops import Lowpass, Regrid, dct_matrix
 from xdownscale.core.spectra import lowpass_filter
 from xdownscale.datasets import coarsen_like_esm, global_grid, synthetic_temperature
 from xdownscale.errors import InputError
-from xdownscale.ondevice import POLICY_ENV, pipeline_policy
+from xdownscale.ondevice import POLICY_ENV, merged_chunks, pipeline_policy
 
 DEMO = Path(xdownscale.__file__).parent / "data" / "demo_coarse_pr.nc"
 SHIPPED = "cm-eobs-iberia-0.25deg-pr"
@@ -162,13 +162,27 @@ def test_the_device_route_prepares_nothing_on_the_host(monkeypatch: pytest.Monke
     assert (8, 10, 14) in calls  # the xarray route regrids the 8 fields
 
 
+@pytest.mark.parametrize(
+    ("chunks", "least", "merged"),
+    [((10, 10, 10, 5), 24, (35,)), ((64, 64, 20), 32, (64, 84)), ((3,), 8, (3,)), ((4, 4), 4, (4, 4))],
+)
+def test_small_time_chunks_are_merged_into_full_batches(
+    chunks: tuple[int, ...], least: int, merged: tuple[int, ...]
+) -> None:
+    result = merged_chunks(chunks, least)
+    assert result == merged and sum(result) == sum(chunks)
+
+
 def test_lazy_input_and_a_lazy_auto_scale_agree_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 3 days, batches of 8 samples (4 fields of 2 members): the device route computes blocks
+    of 4 or more fields and gives the caller's chunks back."""
     da = xr.open_dataarray(DEMO).chunk({"time": 3})
     host = _run(da, "host", monkeypatch, model=SHIPPED)
-    device_lazy = da.downscale.cm(model=SHIPPED, scale="auto", progress=False, precision="fp32", members=2)
     monkeypatch.setenv(POLICY_ENV, "device")
     device_lazy = da.downscale.cm(model=SHIPPED, scale="auto", progress=False, precision="fp32", members=2)
-    assert device_lazy.chunks is not None
+    assert device_lazy.chunksizes["time"] == (3, 3, 2)
+    graph = dict(device_lazy.data.__dask_graph__())
+    assert len([k for k in graph if isinstance(k, tuple) and str(k[0]).startswith("block-")]) == 1
     _agree(host, device_lazy.load())
 
 

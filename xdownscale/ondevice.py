@@ -36,7 +36,14 @@ from .xr.cf import find_grid
 if TYPE_CHECKING:
     from .models.model import Model
 
-__all__ = ["POLICIES", "POLICY_ENV", "downscale_on_device", "pipeline_policy", "runs_on_device"]
+__all__ = [
+    "POLICIES",
+    "POLICY_ENV",
+    "downscale_on_device",
+    "merged_chunks",
+    "pipeline_policy",
+    "runs_on_device",
+]
 
 POLICY_ENV = "XDOWNSCALE_PIPELINE"
 POLICIES = ("auto", "device", "host")
@@ -135,8 +142,15 @@ def downscale_on_device(plan: Any, da: xr.DataArray) -> xr.DataArray:
         regrid=regrid, lowpass=lowpass, clip=clip, **spec,
     )  # fmt: skip
     keys = xr.DataArray(time_keys(checked[time].values), dims=(time,))
+    chunks = None
     if inputs.chunks is not None:
-        keys = keys.chunk({time: inputs.chunksizes[time]})
+        chunks = inputs.chunksizes[time]
+        # blocks of at least a batch of samples keep the device's batches full; the output gets the
+        # caller's chunks back
+        fields = merged_chunks(chunks, -(-plan.batch_size // plan.members))
+        inputs = inputs.chunk({time: fields})
+        values = None if values is None else values.chunk({time: fields})
+        keys = keys.chunk({time: fields})
     sigma = plan.sigma()
     args = [inputs, keys] + ([] if values is None else [values])
     core = [list(_COARSE), []] + ([] if values is None else [list(_VALUES)])
@@ -175,6 +189,8 @@ def downscale_on_device(plan: Any, da: xr.DataArray) -> xr.DataArray:
             },
             kwargs={"threads": caller_threads(), "values": values is not None, **kwargs},
         ).data
+        if data.chunks[0] != chunks:
+            data = data.rechunk({0: chunks})
     dims = (time, *out_dims)
     # the input's time and scalar coordinates (e.g. a squeezed height or realization)
     coords: dict[str, Any] = {k: v.variable for k, v in checked.coords.items() if set(v.dims) <= {time}}
@@ -182,6 +198,32 @@ def downscale_on_device(plan: Any, da: xr.DataArray) -> xr.DataArray:
     coords.update({k: v.variable for k, v in model.grid.coords.items() if set(v.dims) <= set(fine_dims)})
     out = xr.DataArray(data, dims=dims, coords=coords)
     return out.where(model_mask(model))
+
+
+def merged_chunks(chunks: tuple[int, ...], least: int) -> tuple[int, ...]:
+    """Time chunks ``chunks`` merged, in order, into chunks of at least ``least`` fields; a remainder
+    smaller than that joins the last chunk, and chunks already that large are kept.
+
+    >>> merged_chunks((10, 10, 10, 5), 24)
+    (35,)
+    >>> merged_chunks((64, 64, 20), 32)
+    (64, 84)
+    >>> merged_chunks((3,), 8)
+    (3,)
+    """
+    out: list[int] = []
+    run = 0
+    for c in chunks:
+        run += c
+        if run >= least:
+            out.append(run)
+            run = 0
+    if run:
+        if out and run < least:
+            out[-1] += run
+        else:
+            out.append(run)
+    return tuple(out)
 
 
 def _renamed(a: xr.DataArray, ydim: str, xdim: str, names: tuple[str, str]) -> xr.DataArray:
