@@ -190,7 +190,9 @@ def downscale_dataset(
             scale_sample=scale_sample,
             qdm_kwargs=_per_variable(qdm_kwargs, v, name, keys),
             preserve=_per_variable(preserve, v, name, keys),
+            fields=True,
         )
+        assert fields is not None
         plans.append(plan)
         prepared.append(fields)
     sigmas = [p.sigma() for p in plans]

@@ -15,8 +15,9 @@ Which route a downscaling takes is set by the ``XDOWNSCALE_PIPELINE`` environmen
 * ``"host"``: always with xarray on the CPU.
 
 Bias correction (QDM) ranks each cell over the whole period, so it runs on the CPU either way; the
-device then receives the corrected fine fields. The one combination left to the xarray route is
-``preserve="mean"`` with QDM (its targets need the input before and after correction).
+device then receives the prepared (corrected, transformed) fine fields. The one combination left to
+the xarray route is ``preserve="mean"`` with QDM (its targets need the input before and after
+correction).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import xarray as xr
 
 from .errors import InputError
 from .generation import MEAN_RULES
-from .preparation import check_input, coarse_on_domain, keeping_time_chunks, model_mask
+from .preparation import check_input, coarse_on_domain, model_mask
 from .xr.cf import find_grid
 
 if TYPE_CHECKING:
@@ -76,10 +77,11 @@ def runs_on_device(device: str, model: Model, rule: str | None, bias_corrected: 
     return True
 
 
-def downscale_on_device(plan: Any, da: xr.DataArray) -> xr.DataArray:
+def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | None = None) -> xr.DataArray:
     """``da`` downscaled under ``plan`` (a :class:`xdownscale.Plan`) on its device: (time, member, y, x)
     in the model's units, NaN where the model is masked; the caller's units, attributes and member
-    dimension are the plan's to set."""
+    dimension are the plan's to set. With bias correction the device starts from ``prepared`` (``da``
+    prepared under the plan; None: prepared here)."""
     from .core.fieldops import Lowpass, Regrid
     from .models.inference import time_keys
     from .models.pipeline import FieldPipeline
@@ -108,9 +110,10 @@ def downscale_on_device(plan: Any, da: xr.DataArray) -> xr.DataArray:
             )
             clip = precipitation
         inputs = _renamed(inputs, cgrid.ydim, cgrid.xdim, _COARSE)
-    else:  # bias-corrected on the CPU: the device starts from the corrected fine fields
-        fine = keeping_time_chunks(plan.regridded(da), plan.qdm.adjust)
-        inputs = _renamed(fine.transpose(time, *fine_dims), *fine_dims, _COARSE)
+    else:  # bias-corrected on the CPU: the device starts from the prepared fields
+        if prepared is None:
+            prepared = plan.prepare(da)
+        inputs = _renamed(prepared.transpose(time, *fine_dims), *fine_dims, _COARSE)
     rule = plan.preserve
     spec: dict[str, Any] = {}
     values = None

@@ -46,10 +46,10 @@ if TYPE_CHECKING:
 __all__ = ["Plan", "make_plan"]
 
 
-def _downscale_on_device(plan: Plan, da: xr.DataArray) -> xr.DataArray:
+def _downscale_on_device(plan: Plan, da: xr.DataArray, prepared: xr.DataArray | None) -> xr.DataArray:
     from .ondevice import downscale_on_device
 
-    return downscale_on_device(plan, da)
+    return downscale_on_device(plan, da, prepared)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ class Plan:
                 "realization, or call da.downscale.cm(...) on the ensemble."
             )
         if self.on_device:
-            return self._label(da, _downscale_on_device(self, da))
+            prepared = self.prepare(da) if self.qdm is not None else None
+            return self._label(da, _downscale_on_device(self, da, prepared))
         return self._apply(da, self.prepare(da))
 
     @property
@@ -172,9 +173,11 @@ class Plan:
         """sigma(t*) of the scale: a float, or a lazy dask scalar while ``"auto"`` waits for lazy data."""
         return self.scale.sigma(self.model) if not self.scale_resolved else float(self.scale.sigma)
 
-    def _apply(self, da: xr.DataArray, prepared: xr.DataArray) -> xr.DataArray:
+    def _apply(self, da: xr.DataArray, prepared: xr.DataArray | None) -> xr.DataArray:
         if self.on_device:
-            return self._label(da, _downscale_on_device(self, da))
+            return self._label(da, _downscale_on_device(self, da, prepared))
+        if prepared is None:
+            prepared = self.prepare(da)
         values = denoise(
             prepared,
             self.model,
@@ -263,8 +266,13 @@ def make_plan(
     scale_sample: int,
     qdm_kwargs: dict[str, Any] | None,
     preserve: bool | str,
-) -> tuple[Plan, xr.DataArray]:
-    """The :class:`Plan` of ``da`` and ``da`` prepared under it (so downscale prepares it once)."""
+    fields: bool = False,
+) -> tuple[Plan, xr.DataArray | None]:
+    """The :class:`Plan` of ``da`` and ``da`` prepared under it (so downscale prepares it once).
+
+    On the device route (:mod:`xdownscale.ondevice`) the prepared fields are lazy, and None for a given
+    scale without bias correction: the plan does not use them. ``fields=True`` asks for them anyway
+    (eager input stays eager)."""
     from .xr.qdm import QDM
 
     check_call(method, members, precision)
@@ -289,14 +297,40 @@ def make_plan(
     checked, grid, _ = check_input(da, loaded, units)
     from .ondevice import runs_on_device
 
-    # on the device route the fields are prepared on the device: here only what the plan needs
-    # (the sample of "auto"), lazily
-    lazy = checked.chunks is None and qdm in (False, None) and runs_on_device(str(dev), loaded, rule, False)
+    def _plan(chosen: Any, fitted: Any) -> Plan:
+        return Plan(
+            model=loaded,
+            method=method,
+            scale=chosen,
+            qdm=fitted,
+            steps=steps,
+            members=int(members),
+            seed=int(seed),
+            regrid=regrid,
+            lowpass=lowpass,
+            units=units,
+            preserve=rule,
+            device=str(dev),
+            batch_size=int(batch_size),
+            precision=precision,
+            member_dim=member_dim,
+            progress=progress,
+            scale_arg=scale,
+        )
+
+    # on the device route the fields are prepared on the device: here only what the plan needs (the
+    # sample of "auto"), lazily, and nothing for a given scale
+    device_route = not fields and qdm in (False, None) and runs_on_device(str(dev), loaded, rule, False)
+    lazy = device_route and checked.chunks is None
+    fitted = None
+    hist_fine = None
+    if device_route and not is_auto(scale):
+        chosen = resolve_scale(scale, loaded, None, sample=scale_sample)
+        check_sigma(chosen, loaded)
+        return _plan(chosen, None), None
     fine = to_model_grid(
         checked.chunk() if lazy else checked, grid, loaded, regrid=regrid, lowpass=lowpass, units=units
     )
-    fitted = None
-    hist_fine = None
     if isinstance(qdm, QDM):
         fitted = qdm
     elif qdm is True:
@@ -322,23 +356,4 @@ def make_plan(
         chosen = resolve_scale(scale, loaded, prepared, sample=scale_sample)
     if not isinstance(chosen, PendingScale):
         check_sigma(chosen, loaded)
-    resolved = Plan(
-        model=loaded,
-        method=method,
-        scale=chosen,
-        qdm=fitted,
-        steps=steps,
-        members=int(members),
-        seed=int(seed),
-        regrid=regrid,
-        lowpass=lowpass,
-        units=units,
-        preserve=rule,
-        device=str(dev),
-        batch_size=int(batch_size),
-        precision=precision,
-        member_dim=member_dim,
-        progress=progress,
-        scale_arg=scale,
-    )
-    return resolved, prepared
+    return _plan(chosen, fitted), prepared

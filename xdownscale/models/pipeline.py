@@ -11,8 +11,8 @@ preserve -> fine fields``
 
 Only the coarse fields go to the device (16 times fewer values than the fine ones at a 4x refinement)
 and only the finished fine fields come back. With bias correction (QDM, which ranks each cell over the
-whole period and so cannot run per batch), the input is the corrected fine field and the chain starts
-at the mask.
+whole period and so cannot run per batch), the input is the prepared (corrected, masked, transformed)
+fine field, as the xarray route makes it, and the chain starts at the network.
 
 The arithmetic is that of the xarray pipeline in float32 (float64 for ``preserve``), so outputs agree
 with it to float rounding (bf16 rounding where the network runs in bf16).
@@ -49,7 +49,8 @@ class FieldPipeline:
     eps, lo, hi, log, wet_min
         The model transform (:class:`xdownscale.transforms.LogNormalize`).
     regrid
-        From the input's grid to the model's; None when the input fields are already on the model grid.
+        From the input's grid to the model's; None when the input fields are the prepared fields (on the
+        model grid, masked, in the model's transformed space).
     lowpass
         The input's low-pass on the model grid, or None.
     clip
@@ -214,10 +215,10 @@ class BoundPipeline:
                 f = self.lowpass(f)
             if s.clip:
                 f = f.clamp_min(0.0)
-        else:
-            f = src.reshape(b, *s.fine_shape)
-        f = f.masked_fill(~self.mask | gap[:, None, None], float("nan"))
-        x = self.forward(f)
+            f = f.masked_fill(~self.mask | gap[:, None, None], float("nan"))
+            x = self.forward(f)
+        else:  # prepared on the host (bias correction): already masked and transformed
+            x = src.reshape(b, *s.fine_shape)
         return torch.nan_to_num(x, nan=0.0)[:, None], (x, values)
 
     def after(self, result: torch.Tensor, context: Any) -> torch.Tensor:
