@@ -144,6 +144,22 @@ def test_the_shipped_cm_gives_the_same_fields_on_both_routes(
         assert device.attrs["downscale_preserve"] == "mean"
 
 
+def test_the_sde_bridge_takes_the_device_route_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    da = xr.open_dataarray(DEMO).isel(time=slice(0, 3))
+    kw = {
+        "model": "sde-eobs-iberia-0.25deg-pr",
+        "scale": "300 km",
+        "steps": 3,
+        "members": 2,
+        "progress": False,
+    }
+    monkeypatch.setenv(POLICY_ENV, "host")
+    host = da.downscale.sde(precision="fp32", **kw).load()
+    monkeypatch.setenv(POLICY_ENV, "device")
+    device = da.downscale.sde(precision="fp32", **kw).load()
+    _agree(host, device)
+
+
 def test_the_device_route_prepares_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager input, a given scale: no field is regridded with numpy (the plan's preparation stays lazy)."""
     calls: list[tuple[int, ...]] = []

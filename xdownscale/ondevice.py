@@ -157,18 +157,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
     sigma = plan.sigma()
     args = [inputs, keys] + ([] if values is None else [values])
     core = [list(_COARSE), []] + ([] if values is None else [list(_VALUES)])
-    kwargs = dict(
-        pipeline=pipeline,
-        model_path=str(model.path),
-        sha256=model.sha256,
-        method=plan.method,
-        steps=plan.steps,
-        seed=plan.seed,
-        members=plan.members,
-        device=plan.device,
-        batch_size=plan.batch_size,
-        precision=plan.precision,
-    )
+    kwargs = dict(pipeline=pipeline, model_path=str(model.path), sha256=model.sha256, **plan.sampling())
     if not isinstance(sigma, float):  # a lazy "auto" noise level: an input of every block
         args.append(xr.DataArray(sigma))
         core.append([])

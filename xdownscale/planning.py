@@ -169,6 +169,19 @@ class Plan:
 
         return runs_on_device(self.device, self.model, self.preserve, self.qdm is not None)
 
+    def sampling(self) -> dict[str, Any]:
+        """The settings of the noising and denoising (method, steps, seed, members, device, batch size,
+        precision) as keyword arguments."""
+        return {
+            "method": self.method,
+            "steps": self.steps,
+            "seed": self.seed,
+            "members": self.members,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+        }
+
     def sigma(self) -> Any:
         """sigma(t*) of the scale: a float, or a lazy dask scalar while ``"auto"`` waits for lazy data."""
         return self.scale.sigma(self.model) if not self.scale_resolved else float(self.scale.sigma)
@@ -181,16 +194,10 @@ class Plan:
         values = denoise(
             prepared,
             self.model,
-            method=self.method,
             sigma=self.sigma(),
-            steps=self.steps,
-            seed=self.seed,
-            members=self.members,
-            device=self.device,
-            batch_size=self.batch_size,
-            precision=self.precision,
             progress=self.progress,
             time=find_time(prepared),
+            **self.sampling(),
         )
         return self.finish(da, prepared, values)
 
