@@ -9,8 +9,8 @@ pipeline's to float rounding.
 Which route a downscaling takes is set by the ``XDOWNSCALE_PIPELINE`` environment variable:
 
 * ``"auto"`` (default): on the device for accelerators (CUDA, MPS), with xarray on the CPU otherwise
-  (where both routes use the same cores, and the xarray route's float64 keeps results bit for bit
-  independent of chunking);
+  (where both routes share the same cores; the xarray route, float64 throughout, is the one the
+  evaluation was made with);
 * ``"device"``: on the network's device wherever it can, the CPU included (tests, benchmarks);
 * ``"host"``: always with xarray on the CPU.
 

@@ -52,7 +52,7 @@ import torch
 
 from .transforms import WET_TOLERANCE
 
-__all__ = ["MeanPreserver", "preserve_means"]
+__all__ = ["MeanPreserver", "float64_device", "preserve_means"]
 
 #: most fields corrected together
 _BATCH = 256
@@ -130,7 +130,7 @@ def preserve_means(
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(map(repr, _SOLVERS))}.")
-    dev = _float64_device(device)
+    dev = float64_device(device)
     y = np.asarray(y, dtype=np.float64)
     p = np.broadcast_to(np.asarray(p, dtype=np.float64), y.shape)
     shape = y.shape
@@ -233,7 +233,7 @@ class MeanPreserver:
         return torch.where(self.keep, fixed, y)
 
 
-def _float64_device(device: str | torch.device | None) -> torch.device:
+def float64_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch device that has float64 (the CPU for none given, or one without)."""
     dev = torch.device("cpu" if device is None else device)
     return dev if dev.type in ("cpu", "cuda") else torch.device("cpu")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..core.fieldops import Lowpass, Regrid, log_forward, log_inverse
-from ..core.preserve import MeanPreserver
+from ..core.preserve import MeanPreserver, float64_device
 from ..core.transforms import WET_TOLERANCE
 
 __all__ = ["FieldPipeline"]
@@ -164,21 +164,21 @@ class BoundPipeline:
         self.mask = torch.as_tensor(spec.mask, device=device)
         self.regrid = None if spec.regrid is None else spec.regrid.to(device, self.dtype)
         self.lowpass = None if spec.lowpass is None else spec.lowpass.to(device, self.dtype)
+        # preserve's arithmetic is float64: on the device, or on the CPU for one without it (MPS)
+        self.f64 = float64_device(device)
         self.preserve_lowpass = (
-            None if spec.preserve_lowpass is None else spec.preserve_lowpass.to(device, torch.float64)
+            None if spec.preserve_lowpass is None else spec.preserve_lowpass.to(self.f64, torch.float64)
         )
         self.preserver = None
         if spec.preserve == "mean":
-            from .. import core
-
             common = spec.mask.copy()
             if spec.regrid is not None:
                 common &= ~np.asarray(spec.regrid.drop)
-            dev = core.preserve._float64_device(device)
             assert spec.cell is not None
             self.preserver = MeanPreserver(
-                common.ravel(), spec.cell, spec.smooth, dev, wet_min=spec.wet_min, banded=dev.type == "cpu"
-            )
+                common.ravel(), spec.cell, spec.smooth, self.f64, wet_min=spec.wet_min,
+                banded=self.f64.type == "cpu",
+            )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Physical fields -> the model's transformed space."""
@@ -204,7 +204,7 @@ class BoundPipeline:
         b = rows.shape[0]
         n = rows.shape[1] - s.values
         src = rows[:, :n].to(self.dtype)
-        values = rows[:, n:].to(torch.float64) if s.values else None
+        values = rows[:, n:] if s.values else None
         # a missing field: all NaN (the input's gaps were filled on its grid; a fine field is NaN where
         # the model is masked)
         gap = ~torch.isfinite(src).any(dim=1)
@@ -230,12 +230,12 @@ class BoundPipeline:
         y = y.masked_fill(missing, float("nan"))
         if s.preserve is not None:
             b = y.shape[0]
-            dev = self.preserver.ops.device if self.preserver is not None else self.device
-            p = self.inverse(x.to(torch.float64), dry=False).to(dev)  # the prepared input, physical
-            y64 = y.to(device=dev, dtype=torch.float64)
+            dev = self.f64
+            p = self.inverse(x.to(dev).to(torch.float64), dry=False)  # the prepared input, physical
+            y64 = y.to(dev).to(torch.float64)
             if self.preserver is not None:
                 yf, pf = torch.nan_to_num(y64).reshape(b, -1), torch.nan_to_num(p).reshape(b, -1)
-                v = None if values is None else values.to(dev)
+                v = None if values is None else values.to(dev).to(torch.float64)
                 step = self.preserver.batch  # fields per call within its memory budget
                 fixed = torch.cat([
                     self.preserver(
@@ -247,5 +247,5 @@ class BoundPipeline:
             else:
                 assert self.preserve_lowpass is not None
                 fixed = y64 + self.preserve_lowpass(torch.nan_to_num(p - y64))
-            y = fixed.to(device=self.device, dtype=self.dtype).masked_fill(missing, float("nan"))
+            y = fixed.to(self.dtype).to(self.device).masked_fill(missing, float("nan"))
         return y[:, None]
