@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, _mm, _paired_inputs, spread_skill
+from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, TEST, _mm, _paired_inputs, spread_skill
 
 import xdownscale
 from xdownscale import metrics
@@ -58,7 +58,9 @@ def validation_case(
     path = DATA / "eobs_0.25deg_tp_djf1991-2000.nc"
     if not path.exists():
         raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
-    days = _mm(xr.open_dataset(path)["tp"].sel(time=VALIDATION)).load()
+    # a diagnosis may look at the test winters (to explain the report); a choice never does
+    period = TEST if getattr(args, "test_winters", False) else VALIDATION
+    days = _mm(xr.open_dataset(path)["tp"].sel(time=period)).load()
     truth, coarse = _paired_inputs(days, 4, args.days)
     return args, cm, truth, coarse
 

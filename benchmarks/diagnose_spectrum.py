@@ -12,11 +12,13 @@ small scales on dry days, their deficit on wet ones. The numbers back the spectr
 docs/limitations.md.
 
     python benchmarks/diagnose_spectrum.py            # under a minute on 2 cores
+    python benchmarks/diagnose_spectrum.py --test-winters --days 90   # explains the report's spectrum
     python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
 """
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from typing import Any
 
@@ -72,8 +74,17 @@ def spectrum(field: xr.DataArray, mask: xr.DataArray, log: bool) -> xr.DataArray
     return xdownscale.psd(x).mean(dims)
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--test-winters",
+        action="store_true",
+        help="diagnose the test winters 1997/98-1999/2000 instead (to explain the report, not to choose)",
+    )
+
+
 def main() -> None:
-    args, cm, truth, coarse = validation_case(__doc__, members=4)
+    args, cm, truth, coarse = validation_case(__doc__, 4, _options)
+    winter = "test winters" if args.test_winters else "validation winter"
     mask = cm.grid["mask"]
     kwargs = dict(model=cm, members=args.members, seed=0, progress=False)
     with warnings.catch_warnings():
@@ -88,7 +99,7 @@ def main() -> None:
     gap = float(np.nanmax(np.abs(default.values - _mm(shipped).transpose(*raw.dims).values)))
     fields = {"bilinear": bilinear.expand_dims(member=[0]), **fields}
     print(
-        f"{args.model}, validation winter, 1 deg perfect model, {args.members} members, "
+        f"{args.model}, {winter}, 1 deg perfect model, {args.members} members, "
         f"{truth.sizes['time']} days; default variant vs preserve=True: max |difference| {gap:.2g} mm/day"
     )
     for log in (True, False):
