@@ -263,3 +263,22 @@ def test_on_cuda_the_whole_chain_gives_the_cpus_fields(qdm: bool, monkeypatch: p
         model=SHIPPED, scale="auto", progress=False, precision="fp32", members=2, qdm=qdm, device="cuda"
     )
     _agree(host, cuda, rtol=5e-3)
+
+
+def test_a_pipelines_token_sees_every_array() -> None:
+    """The device keeps operators per token: pipelines that differ anywhere must not share one."""
+    from xdownscale.models.pipeline import FieldPipeline
+
+    mask = np.ones((4, 6), dtype=bool)
+    op = Lowpass.build((4, 6), 0.2, periodic_x=False)
+    base = dict(fine_shape=(4, 6), mask=mask, eps=1.0, lo=0.0, hi=3.0, log=True, lowpass=op)
+    token = FieldPipeline(**base).token
+    assert FieldPipeline(**base).token == token
+    other_mask = mask.copy()
+    other_mask[0, 0] = False
+    assert FieldPipeline(**{**base, "mask": other_mask}).token != token
+    assert FieldPipeline(**{**base, "lowpass": Lowpass.build((4, 6), 0.21, periodic_x=False)}).token != token
+    weights = rw.PointWeights.from_matrix(np.eye(24)[::-1].copy(), (4, 6), (4, 6))
+    flipped = Regrid.from_weights(weights, 0.5)
+    same = Regrid.from_weights(rw.PointWeights.from_matrix(np.eye(24), (4, 6), (4, 6)), 0.5)
+    assert FieldPipeline(**base, regrid=flipped).token != FieldPipeline(**base, regrid=same).token

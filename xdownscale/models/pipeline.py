@@ -88,20 +88,10 @@ class FieldPipeline:
         if self.preserve not in (None, "mean", "lowpass"):
             raise ValueError(f"preserve={self.preserve!r}: expected None, 'mean' or 'lowpass'.")
         digest = hashlib.sha256()
-        for part in (self.fine_shape, self.eps, self.lo, self.hi, self.log, self.wet_min, self.clip,
-                     self.preserve, self.values):  # fmt: skip
-            digest.update(repr(part).encode())
-        for array in (self.mask, self.cell):
-            if array is not None:
-                digest.update(np.ascontiguousarray(array).tobytes())
-        for op in (self.regrid, self.lowpass, self.preserve_lowpass):
-            digest.update(repr(_fingerprint(op)).encode())
-        if self.smooth is not None:
-            import scipy.sparse as sp
-
-            s = sp.csr_matrix(self.smooth)
-            for a in (s.indptr, s.indices, s.data):
-                digest.update(np.ascontiguousarray(a).tobytes())
+        for name in sorted(vars(self)):
+            if name != "token":
+                digest.update(name.encode())
+                _digest(digest, getattr(self, name))
         self.token = digest.hexdigest()
 
     def __dask_tokenize__(self) -> str:
@@ -135,18 +125,26 @@ class FieldPipeline:
             return bound
 
 
-def _fingerprint(op: Any) -> Any:
-    if op is None:
-        return None
-    parts = []
-    for name, value in sorted(vars(op).items()):
-        if isinstance(value, np.ndarray):
-            parts.append((name, hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()))
-        elif hasattr(value, "indptr"):
-            parts.append((name, hashlib.sha256(np.ascontiguousarray(value.data).tobytes()).hexdigest()))
-        else:
-            parts.append((name, repr(value)))
-    return parts
+def _digest(digest: Any, value: Any) -> None:
+    """Add ``value`` (arrays, sparse matrices, operators, tuples, scalars) to ``digest``, exactly."""
+    if isinstance(value, np.ndarray):
+        digest.update(repr((value.dtype.str, value.shape)).encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif hasattr(value, "tocsr"):  # a scipy sparse matrix
+        m = value.tocsr()
+        digest.update(repr(m.shape).encode())
+        for a in (m.indptr, m.indices, m.data):
+            _digest(digest, np.asarray(a))
+    elif isinstance(value, (Regrid, Lowpass)):
+        for name in sorted(vars(value)):
+            digest.update(name.encode())
+            _digest(digest, getattr(value, name))
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _digest(digest, item)
+    else:
+        digest.update(repr(value).encode())
 
 
 _LOCK = threading.Lock()
