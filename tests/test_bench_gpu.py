@@ -75,3 +75,12 @@ def test_bench_gpu_makes_the_paper_grid() -> None:
     coarse = bench.coarse_input(fine, 3)
     assert coarse.shape == (3, 60, 96)
     assert float(coarse["lat"][0]) == pytest.approx(-88.5)  # 3 deg cells
+
+
+def test_the_gpu_check_script_parses_and_names_its_steps() -> None:
+    import subprocess
+
+    script = SCRIPT.parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    text = script.read_text()
+    assert "-m gpu" in text and "bench_gpu.py --json" in text and "gpu-wheels.sh" in text
