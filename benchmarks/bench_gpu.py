@@ -19,7 +19,8 @@ parameters; 662.6 GFLOP per forward at 240 x 384) in bf16 autocast, NCHW:
    alone, in ms per field on ``bench_preserve.py``'s synthetic case at the same grid, 4x coarser input;
 5. training steps/s (the iCT loss, RAdam, gradient clipping, bf16 autocast: the step of
    ``xdownscale.train`` without EMA and checkpoints) for the paper network at 240 x 384 and for the shipped
-   Iberia CM network (channels and grid from its card; 48, 96, 96 at 41 x 61);
+   Iberia CM network (channels and grid from its card; 48, 96, 96 at 41 x 61), eager and compiled (as
+   ``train(compile="auto")`` does on CUDA for long runs);
 6. peak GPU memory of each part.
 
 The paper-sized CM and score models are made by ``xdownscale.train`` (one step; the weights do not change
@@ -341,9 +342,15 @@ def bench_preserve_on(device: Any, shape: tuple[int, int], fields: int, iters: i
 
 
 def bench_training(
-    channels: tuple[int, ...], shape: tuple[int, int], batch: int, device: Any, iters: int
+    channels: tuple[int, ...],
+    shape: tuple[int, int],
+    batch: int,
+    device: Any,
+    iters: int,
+    compiled: bool = False,
 ) -> dict[str, Any]:
-    """Steps/s of the iCT training step (loss, backward, clip, RAdam) of a fresh network."""
+    """Steps/s of the iCT training step (loss, backward, clip, RAdam) of a fresh network; ``compiled``:
+    with its UNet compiled as ``xdownscale.train(compile=...)`` does (the first step compiles)."""
     import torch
 
     from xdownscale.core.consistency import ict_loss
@@ -359,6 +366,8 @@ def bench_training(
         "periodic": shape == (240, 384),
     }
     model = build_network("cm", config, {"min": 0.002, "max": 80.0, "data": 0.5}).to(device).train()
+    if compiled:
+        model.net.compile(dynamic=False)
     opt = torch.optim.RAdam(model.parameters(), lr=2e-4)
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(batch, 1, *shape, device=device, generator=gen).clamp(-1, 1)
@@ -376,10 +385,13 @@ def bench_training(
 
     _peak_reset(device)
     rate = _rate(one, device, 1, iters)
+    kind = "compiled" if compiled else "eager"
     print(
-        f"  training {list(channels)} at {shape[0]}x{shape[1]}, batch {batch}: {rate:.2f} steps/s", flush=True
+        f"  training {list(channels)} at {shape[0]}x{shape[1]}, batch {batch}, {kind}: {rate:.2f} steps/s",
+        flush=True,
     )
     return {
+        "compiled": compiled,
         "channels": list(channels),
         "grid": f"{shape[0]}x{shape[1]}",
         "batch": batch,
@@ -496,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
             results["sde"] = bench_sde(paths, coarse, device, batch, sde_steps, scale)
     if not args.e2e_only:
         results["preserve"] = bench_preserve_on(device, shape, min(fields, 256), max(1, iters // 2))
-        results["training"] = [bench_training(c, s, b, device, iters) for c, s, b in train_cases]
+        results["training"] = [
+            bench_training(c, s, b, device, iters, compiled)
+            for c, s, b in train_cases
+            for compiled in ((False, True) if compile_ else (False,))
+        ]
     results["seconds"] = time.time() - t_start
 
     net, e2e = results["network"], results["e2e"]
@@ -547,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in results.get("training", []):
         rows.append(
             (
-                f"training steps/s {t['channels']} {t['grid']} batch {t['batch']}",
+                f"training steps/s {t['channels']} {t['grid']} batch {t['batch']}"
+                + (", compiled" if t["compiled"] else ""),
                 f"{t['steps_per_s']:.2f}",
                 "-",
             )

@@ -415,6 +415,36 @@ def test_precision_bf16_on_the_cpu(tmp_path: Path, pr: xr.DataArray) -> None:
         train("cm", pr, "pr", tmp_path / "x", precision="fp16", **common)
 
 
+def test_the_compile_policy_of_training() -> None:
+    from xdownscale.models.train import COMPILE_MIN_STEPS, compiles_training
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compiles_training("auto", cpu, 10**6)  # never a surprise minute on the CPU
+    assert compiles_training("auto", cuda, COMPILE_MIN_STEPS)
+    assert not compiles_training("auto", cuda, COMPILE_MIN_STEPS - 1)  # a short run does not pay
+    assert compiles_training("always", cpu, 1) and not compiles_training("never", cuda, 10**6)
+
+
+def test_an_unknown_compile_policy_is_refused_before_training(tmp_path: Path, pr: xr.DataArray) -> None:
+    with pytest.raises(InputError, match=r"compile policy 'fast'.*auto, never or always"):
+        train("cm", pr, "pr", tmp_path / "x", steps=2, compile="fast", **TINY)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_network(tmp_path: Path, pr: xr.DataArray) -> None:
+    """compile='always' on the CPU (about a minute of compilation): the weights follow the eager run's
+    to float rounding, and the checkpoints resume in an eager session."""
+    common = dict(steps=4, checkpoint_every=2, seed=5, precision="fp32", **TINY)
+    eager = _weights(train("cm", pr, "pr", tmp_path / "eager", compile="never", **common))
+    compiled = _weights(train("cm", pr, "pr", tmp_path / "compiled", compile="always", **common))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4, equal_nan=True)
+    again = _weights(train("cm", pr, "pr", tmp_path / "compiled", compile="never", resume=True, **common))
+    _assert_same(again, compiled)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_train_on_cuda_with_bf16(tmp_path: Path, pr: xr.DataArray) -> None:

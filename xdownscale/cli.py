@@ -138,6 +138,13 @@ def _generative_options(func: Any) -> Any:
                 help="auto: bfloat16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere.",
             ),
             click.option(
+                "--compile",
+                default=None,
+                type=click.Choice(["auto", "always", "never"]),
+                help="torch.compile of the network (default: XDOWNSCALE_COMPILE, else auto: on CUDA for "
+                "runs of 2000 steps or more; compiling takes about a minute).",
+            ),
+            click.option(
                 "--licence", default=None, help="Licence / terms of use of the training data, for the card."
             ),
             click.option(
