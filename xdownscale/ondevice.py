@@ -101,8 +101,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
         cgrid = find_grid(coarse)
         inputs = coarse.transpose(time, cgrid.ydim, cgrid.xdim)
         regridder = Regridder(inputs, model.grid, method=plan.regrid)
-        if tuple(regridder._target_order) != fine_dims:
-            raise InputError(f"The model grid's dims {fine_dims} are not in its coordinates' order.")
+        order = tuple(regridder._target_order)  # the xarray route's order of the output's dims
         regrid = Regrid.from_weights(regridder.weights, regridder.mask_threshold)
         if plan.lowpass and cutoff < 0.5:
             lowpass = Lowpass.build(
@@ -113,6 +112,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
     else:  # bias-corrected on the CPU: the device starts from the prepared fields
         if prepared is None:
             prepared = plan.prepare(da)
+        order = tuple(d for d in prepared.dims if d in fine_dims)
         inputs = _renamed(prepared.transpose(time, *fine_dims), *fine_dims, _COARSE)
     rule = plan.preserve
     spec: dict[str, Any] = {}
@@ -188,7 +188,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
     coords: dict[str, Any] = {k: v.variable for k, v in checked.coords.items() if set(v.dims) <= {time}}
     coords["member"] = ("member", np.arange(plan.members))
     coords.update({k: v.variable for k, v in model.grid.coords.items() if set(v.dims) <= set(fine_dims)})
-    out = xr.DataArray(data, dims=dims, coords=coords)
+    out = xr.DataArray(data, dims=dims, coords=coords).transpose(time, "member", *order)
     return out.where(model_mask(model))
 
 
