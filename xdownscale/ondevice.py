@@ -31,7 +31,7 @@ import xarray as xr
 
 from .errors import InputError
 from .generation import MEAN_RULES
-from .preparation import check_input, coarse_on_domain, model_mask
+from .preparation import check_input, coarse_on_domain, input_cutoff, model_mask
 from .xr.cf import find_grid
 
 if TYPE_CHECKING:
@@ -94,14 +94,14 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
     fine_shape = (model.grid.sizes[fgrid.ydim], model.grid.sizes[fgrid.xdim])
     t = model.transform
     precipitation = model.variable["kind"] == "precipitation"
-    coarse, cutoff = coarse_on_domain(checked, grid, model, units=plan.units)
     regrid = lowpass = None
     clip = False
     if plan.qdm is None:
+        coarse, cutoff = coarse_on_domain(checked, grid, model, units=plan.units)
         cgrid = find_grid(coarse)
         inputs = coarse.transpose(time, cgrid.ydim, cgrid.xdim)
         regridder = Regridder(inputs, model.grid, method=plan.regrid)
-        order = tuple(regridder._target_order)  # the xarray route's order of the output's dims
+        order = regridder.target_dims  # the xarray route's order of the output's dims
         regrid = Regrid.from_weights(regridder.weights, regridder.mask_threshold)
         if plan.lowpass and cutoff < 0.5:
             lowpass = Lowpass.build(
@@ -110,6 +110,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
             clip = precipitation
         inputs = _renamed(inputs, cgrid.ydim, cgrid.xdim, _COARSE)
     else:  # bias-corrected on the CPU: the device starts from the prepared fields
+        cutoff = input_cutoff(checked, grid, model)
         if prepared is None:
             prepared = plan.prepare(da)
         order = tuple(d for d in prepared.dims if d in fine_dims)

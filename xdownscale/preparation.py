@@ -37,6 +37,7 @@ __all__ = [
     "finish",
     "fit_qdm",
     "hist_on_model_grid",
+    "input_cutoff",
     "input_ensemble",
     "input_psd",
     "is_auto",
@@ -143,22 +144,28 @@ def check_input(da: Any, model: Model, units: str | None) -> tuple[xr.DataArray,
     return da, grid, time
 
 
+def input_cutoff(da: xr.DataArray, grid: Grid, model: Model) -> float:
+    """The low-pass cut-off that the input's resolution sets on the model grid (cycles per model cell;
+    0.5 or more: none)."""
+    coarse_km = float(np.sqrt(np.prod(grid_spacing_km(da, grid))))
+    fine_km = float(np.sqrt(np.prod(grid_spacing_km(model.grid, find_grid(model.grid)))))
+    return 0.5 * fine_km / coarse_km
+
+
 def coarse_on_domain(
     da: xr.DataArray, grid: Grid, model: Model, *, units: str | None
 ) -> tuple[xr.DataArray, float]:
     """Steps 1-2 on the input's own grid: model units (float64), cut to the model's domain, gaps filled
-    from the nearest cell. Returns the fields and the low-pass cut-off that the input's resolution sets on
-    the model grid (cycles per model cell; 0.5 or more: none)."""
+    from the nearest cell. Returns the fields and :func:`input_cutoff`."""
     from .xr.domain import cut_to_domain, fill_nan_nearest
     from .xr.units import convert_units
 
-    coarse_km = float(np.sqrt(np.prod(grid_spacing_km(da, grid))))
+    cutoff = input_cutoff(da, grid, model)
     # float64 inside the pipeline: matrix products of different shapes (chunk sizes) then round to the
     # same float32 values, so results do not depend on chunking
     da = convert_units(da.astype(np.float64), model.variable["units"], units=units)
     da = fill_nan_nearest(cut_to_domain(da, grid, model.grid), grid)
-    fine_km = float(np.sqrt(np.prod(grid_spacing_km(model.grid, find_grid(model.grid)))))
-    return da, 0.5 * fine_km / coarse_km
+    return da, cutoff
 
 
 def to_model_grid(

@@ -62,8 +62,7 @@ class Regrid:
         """From a :class:`xdownscale.core.regrid_weights.Weights` object (separable or point weights)."""
         from .regrid_weights import SeparableWeights
 
-        least = max(float(mask_threshold) - 1e-6, float(np.finfo(np.float64).tiny))
-        drop = np.asarray(weights.coverage) < least
+        drop = weights.dropped(mask_threshold)
         src, tgt = tuple(weights.src_shape), tuple(weights.tgt_shape)
         if isinstance(weights, SeparableWeights):
             poles = tuple(

@@ -268,13 +268,17 @@ class Weights(ABC):
             out[i : i + step] = self._apply_slab(np.ascontiguousarray(x3[i : i + step]), mask_threshold)
         return out.reshape(lead + tuple(self.tgt_shape))
 
+    def dropped(self, mask_threshold: float = 0.5, dtype: Any = np.float64) -> np.ndarray:
+        """Boolean mask (``tgt_shape``) of the target cells that are NaN for input without NaN: the source
+        covers less than ``mask_threshold`` of them."""
+        return np.asarray(self.coverage < _least(mask_threshold, dtype))
+
     def _apply_slab(self, x3: np.ndarray, mask_threshold: float) -> np.ndarray:
-        # valid fraction below `least` -> NaN (1e-6: round-off of weights summing to exactly the threshold)
-        least = max(mask_threshold - 1e-6, float(np.finfo(x3.dtype).tiny))
+        least = _least(mask_threshold, x3.dtype)
         invalid = np.isnan(x3)
         if not invalid.any():
             out = self._contract(x3)
-            drop = self.coverage < least  # (tgt_shape), the same for every slice
+            drop = self.dropped(mask_threshold, x3.dtype)  # (tgt_shape), the same for every slice
         else:
             out = self._contract(np.where(invalid, 0, x3).astype(x3.dtype, copy=False))
             frac = self._contract((~invalid).astype(x3.dtype))
@@ -297,6 +301,12 @@ class Weights(ABC):
             hit = a.astype(dtype)
             self._cast_cache[key] = hit
         return hit
+
+
+def _least(mask_threshold: float, dtype: Any) -> float:
+    """The smallest valid fraction a target cell keeps a value with (1e-6 below the threshold: round-off
+    of weights summing to exactly the threshold)."""
+    return max(float(mask_threshold) - 1e-6, float(np.finfo(dtype).tiny))
 
 
 def _last(x2: np.ndarray, w: sp.csr_matrix) -> np.ndarray:

@@ -192,7 +192,8 @@ class Regridder:
         self._src = _grid_arrays(source, self.source_grid)
         tgt = _grid_arrays(target, self.target_grid)
         self.target_shape = self.target_grid.shape(target)
-        self._target_order = _horizontal_order(target, self.target_grid)
+        #: the horizontal dims of the regridded output, in the target's own order
+        self.target_dims = _horizontal_order(target, self.target_grid)
         tg = self.target_grid
         self._target_coords = {
             k: target.coords[k].variable
@@ -269,7 +270,7 @@ class Regridder:
         else:
             out = self._apply_weights(da, thr)
         out = out.rename({_Y: ty, _X: tx}).assign_coords(self._target_coords)
-        out = out.transpose(..., *self._target_order)
+        out = out.transpose(..., *self.target_dims)
         out.attrs = {k: v for k, v in da.attrs.items() if k != "grid_mapping"}
         out.name = da.name
         return out
