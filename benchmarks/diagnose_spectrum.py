@@ -60,8 +60,9 @@ def variants(
         "no drizzle rule": dict(smooth=smooth, wet_min=None),
         "exact pass only": dict(smooth=None, wet_min=wet_min),
     }
+    shape = (h, w) if cm.transform.coherent else None  # specks and holes go (the model's data allow it)
     for name, kw in options.items():
-        fixed = preserve_means(flat, p, cell, coarse=values, **kw)
+        fixed = preserve_means(flat, p, cell, coarse=values, grid_shape=shape, **kw)
         out[name] = raw.copy(data=fixed.reshape(y.shape)).transpose(*raw.dims)
     return out
 

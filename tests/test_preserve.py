@@ -256,6 +256,115 @@ def test_wet_min_keeps_the_means_on_real_looking_fields(fields: tuple) -> None:
     assert float(fixed.min()) >= 0.0 and float(fixed[2].max()) == 0.0
 
 
+def _blocks(rows: int, cols: int, size: int) -> np.ndarray:
+    """The coarse cell of each fine cell of a rows x cols grid cut into size x size blocks (row-major)."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return (r // size) * (cols // size) + c // size
+
+
+def test_with_the_grid_shape_specks_and_holes_go_and_the_means_stay_exact() -> None:
+    """An 8 x 8 grid of four 4 x 4 coarse cells: a dry hole inside rain is filled, a lone wet speck
+    beside a rain area goes (its rain moves onto the area), a coarse cell whose only rain is a speck
+    keeps it, a dry coarse cell stays dry."""
+    cell = _blocks(8, 8, 4)
+    y = np.zeros((8, 8))
+    y[0:4, 0:4] = 2.0
+    y[1, 1] = 0.0  # a hole in the rain of cell 0
+    y[0:3, 4:7] = 1.0  # rain in cell 1 ...
+    y[3, 7] = 0.5  # ... and a speck apart from it
+    y[6, 1] = 0.4  # cell 2: its only rain
+    p = np.zeros((8, 8))
+    for j, v in enumerate([1.5, 0.6, 0.025, 0.0]):
+        p[cell.reshape(8, 8) == j] = v
+    got = preserve_means(y.ravel()[None], p.ravel()[None], cell, wet_min=0.1, grid_shape=(8, 8))[0]
+    got = got.reshape(8, 8)
+    means = [got[cell.reshape(8, 8) == j].mean() for j in range(4)]
+    np.testing.assert_allclose(means, [1.5, 0.6, 0.025, 0.0], rtol=1e-12, atol=1e-15)
+    assert got[1, 1] > 0.05  # the hole rains (0.1, scaled with the cell's other wet values)
+    assert got[3, 7] == 0.0 and (got[0:2, 4:6] > 0).all()  # the speck's rain is on the area
+    assert got[6, 1] == pytest.approx(0.4) and (np.delete(got[4:8, 0:4].ravel(), 9) == 0).all()
+    assert (got[4:8, 4:8] == 0).all() and (got >= 0).all()
+    # without the grid's shape the wet area is decided value by value: the hole stays dry
+    plain = preserve_means(y.ravel()[None], p.ravel()[None], cell, wet_min=0.1)[0].reshape(8, 8)
+    assert plain[1, 1] == 0.0 and plain[3, 7] > 0
+
+
+def test_coherent_removes_specks_only_when_asked(fields: tuple) -> None:
+    """``coherent=True`` (a model whose training data have few specks) removes single wet cells and
+    dry holes and keeps the means; the default keeps the drizzle rule's wet area as it is."""
+    from xdownscale.core.transforms import speck_counts
+
+    out, ref = fields
+    coarse = _coarse_grid()
+    plain = preserve_large_scales(out, ref, rule="mean", coarse=coarse, wet_min=0.5)
+    tidy = preserve_large_scales(out, ref, rule="mean", coarse=coarse, wet_min=0.5, coherent=True)
+    want = _coarse_means(ref, coarse)
+    np.testing.assert_allclose(_coarse_means(tidy, coarse), want, atol=1e-6 * want.max())
+    np.testing.assert_array_equal(np.isnan(tidy.values), np.isnan(out.values))
+    before, after = speck_counts(plain.values, 0.5)[0], speck_counts(tidy.values, 0.5)[0]
+    assert before > 10 and after < 0.7 * before  # left: cells whose only rain is a speck
+
+
+def test_the_shipped_precipitation_models_data_are_coherent() -> None:
+    import xdownscale
+
+    for name in ("cm-eobs-iberia-0.25deg-pr", "sde-eobs-iberia-0.25deg-pr"):
+        t = xdownscale.load_model(name).transform
+        assert t.coherent and 0.0 < t.specks < 0.01
+
+
+def _specks_oracle(y: np.ndarray, target: np.ndarray, cell: np.ndarray, land: np.ndarray) -> np.ndarray:
+    """The specks-and-holes rule with scipy on one field (rows, cols) after the drizzle rule: a wet land
+    cell with at most 3/8 of its land neighbours wet becomes dry, a dry one with at least 7/8 of them
+    wet becomes 0.1 (a cell without land neighbours stays), then each coarse cell is scaled back to
+    ``target`` (cells the rule would leave dry keep their values)."""
+    from scipy import ndimage
+
+    wet = (y >= 0.1 * (1 - 1e-6)) & land
+    around = np.ones((3, 3))
+    around[1, 1] = 0
+    count = ndimage.convolve(wet.astype(float), around, mode="constant")
+    valid = ndimage.convolve(land.astype(float), around, mode="constant")
+    now = np.where(wet, 8 * count > 3 * valid, 8 * count >= 7 * valid)
+    now = np.where(valid > 0, now, wet) & land
+    moved = np.where(now & ~wet, 0.1, np.where(now, y, 0.0))
+    c = cell.reshape(y.shape)
+    out = y.copy()
+    for j in np.unique(c[land]):
+        where = (c == j) & land
+        part = moved[where] if moved[where].sum() > 0 or target[j] == 0 else y[where]
+        out[where] = part * (target[j] / part.mean() if part.sum() > 0 else 1.0)
+    return np.where(land, out, np.nan)
+
+
+def test_the_specks_and_holes_rule_equals_a_scipy_oracle_on_masked_fields() -> None:
+    rng = np.random.default_rng(3)
+    rows, cols = 12, 16
+    cell = _blocks(rows, cols, 4)
+    land = np.ones((rows, cols), bool)
+    land[:3, :5] = False  # sea in a corner
+    land[7, 9] = False
+    land[10, 0:3] = False
+    land[11, 1] = False  # a land cell with one land neighbour
+    land[9, 14:] = land[10, 13:] = land[11, 13] = land[11, 15] = False  # ... and one with none
+    y = np.exp(rng.normal(-1.0, 1.5, (5, rows, cols)))  # wet, drizzle and near-dry values
+    y[rng.random(y.shape) < 0.3] = 0.0
+    p = np.exp(rng.normal(-1.5, 1.0, y.shape))
+    p[:, 4:8, 8:12] = 0.0  # a dry coarse cell
+    y = np.where(land, y, np.nan)
+    p = np.where(land, p, np.nan)
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+    rule = preserve_means(flat(y), flat(p), cell, wet_min=0.1)  # the drizzle rule only
+    got = preserve_means(flat(y), flat(p), cell, wet_min=0.1, grid_shape=(rows, cols))
+    assert np.nanmax(np.abs(got - rule)) > 0.1  # the rule changes these fields
+    for f in range(len(y)):
+        target = np.array([np.nanmean(flat(p)[f][cell == j]) for j in range(cell.max() + 1)])
+        want = _specks_oracle(rule[f].reshape(rows, cols), target, cell, land)
+        np.testing.assert_allclose(got[f].reshape(rows, cols), want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"grid_shape \(12, 15\) must hold the fields' last axis of 192"):
+        preserve_means(flat(y), flat(p), cell, wet_min=0.1, grid_shape=(12, 15))
+
+
 def _ramp_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A uniform 'output' on a 16 x 24 fine grid and coarse targets rising smoothly from west to east
     (4 x 4 fine cells per coarse cell): (y, coarse values, cell, smooth)."""

@@ -221,6 +221,45 @@ def test_from_dict_errors():
     # cards written before wet_min was stored load without it
     older = {k: v for k, v in good.items() if k != "wet_min"}
     assert LogNormalize.from_dict(older).wet_min is None
+    with pytest.raises(InputError, match=r"needs 'specks' in \[0, 1\] \(or none\); got 1.5"):
+        LogNormalize.from_dict({**good, "specks": 1.5})
+    assert not LogNormalize.from_dict({k: v for k, v in good.items() if k != "specks"}).coherent
+
+
+def test_speck_counts_on_a_hand_made_field():
+    """A 5 x 5 field: a 3 x 3 rain area with a dry centre and a wet cell touching its corner. Specks:
+    wet cells with at most 3/8 of their valid neighbours wet; holes: dry ones with at least 7/8."""
+    x = np.zeros((5, 5))
+    x[1:4, 1:4] = 2.0
+    x[2, 2] = 0.0  # 8 of 8 neighbours wet: a hole
+    x[4, 4] = 0.5  # 1 of its 3 neighbours wet: a speck
+    x[0, 4] = 0.05  # drizzle: dry
+    # the area's corners have 2 of 8 neighbours wet ((3, 3) has 3 with (4, 4)): specks
+    assert core.speck_counts(x, 0.1) == (4 + 1 + 1, 9)
+    x[2, 2] = 2.0  # no hole; corners now 3 of 8 (specks), (3, 3) 4 of 8 (not)
+    assert core.speck_counts(x, 0.1) == (3 + 1, 10)
+    x[0, :] = np.nan  # masked: (1, 1) and (1, 3) now have 3 of 5 valid neighbours wet
+    assert core.speck_counts(x[None], 0.1) == (1 + 1, 10)
+
+
+def test_specks_are_measured_at_fit_and_decide_coherent():
+    """A smooth rain area (few specks) is coherent; the same area sprinkled with single wet cells is
+    not; fewer than 2 dims or log=False: unknown."""
+    yy, xx = np.mgrid[0:40, 0:60]
+    blob = np.clip(3.0 - np.hypot(yy - 20, xx - 30) / 5.0, 0, None)
+    smooth = np.stack([blob, np.roll(blob, 7, axis=1), np.zeros_like(blob)])
+    t = LogNormalize(eps=1.0).fit(xr.DataArray(smooth, dims=("time", "lat", "lon")))
+    assert t.specks is not None and t.specks < 0.03 and t.coherent
+    rng = np.random.default_rng(0)
+    speckled = np.where(rng.random(smooth.shape) < 0.05, 1.0, smooth)
+    s = LogNormalize(eps=1.0).fit(speckled)
+    assert s.specks > 0.1 and not s.coherent
+    lazy = LogNormalize(eps=1.0).fit(dsa.from_array(speckled, chunks=(1, 20, 30)))
+    assert lazy.specks == pytest.approx(s.specks)
+    again = LogNormalize.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert again.specks == t.specks and again.coherent
+    assert LogNormalize().fit(np.array([0.0, 1.0, 10.0])).specks is None
+    assert LogNormalize(log=False).fit(smooth).specks is None and not LogNormalize(log=False).coherent
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -190,9 +190,11 @@ def preserve_scales(
             else:  # only its grid: the targets are the regridded input's means
                 coarse = coarse.isel({time: 0}, drop=True)
         wet_min = getattr(model.transform, "wet_min", None)
+        coherent = bool(getattr(model.transform, "coherent", False))
         return preserve_large_scales(
-            out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min, device=device
-        )
+            out, reference, rule="mean", coarse=coarse, base=base, wet_min=wet_min, coherent=coherent,
+            device=device,
+        )  # fmt: skip
     wavenumber = transformed.attrs.get(INPUT_WAVENUMBER_ATTR)
     if wavenumber is None:  # the input is at least as fine as the model grid
         return out

@@ -143,6 +143,7 @@ def downscale_on_device(plan: Any, da: xr.DataArray, prepared: xr.DataArray | No
         fine_shape=fine_shape,
         mask=model_mask(model).transpose(*fine_dims).values,
         eps=float(t.eps), lo=float(t.lo), hi=float(t.hi), log=bool(t.log), wet_min=t.wet_min,
+        coherent=bool(getattr(t, "coherent", False)),
         regrid=regrid, lowpass=lowpass, clip=clip, **spec,
     )  # fmt: skip
     keys = xr.DataArray(time_keys(checked[time].values), dims=(time,))

@@ -26,6 +26,7 @@ def preserve_large_scales(
     base: xr.DataArray | None = None,
     wavenumber: float | None = None,
     wet_min: float | None = None,
+    coherent: bool = False,
     device: str | None = None,
 ) -> xr.DataArray:
     """Correct downscaled fields so that their large scales are those of ``reference``.
@@ -52,6 +53,10 @@ def preserve_large_scales(
     wet_min
         For ``"mean"``: the dry threshold (see :func:`xdownscale.core.preserve.preserve_means`); values
         below it move onto the wet values of their coarse cell.
+    coherent
+        For ``"mean"`` with ``wet_min``: also remove single wet cells among dry ones and single dry
+        cells inside rain (for a model whose training data have few, :attr:`xdownscale.LogNormalize.
+        coherent`; see :func:`xdownscale.core.preserve.preserve_means`).
     device
         For ``"mean"``: where the correction's arithmetic runs (``"cuda"``: on the GPU, the smooth field
         solved by conjugate gradients; None or ``"cpu"``: on the CPU, by banded solves).
@@ -77,6 +82,7 @@ def preserve_large_scales(
         def apply(y: np.ndarray, p: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
             fixed = preserve_means(
                 flat(y), flat(p), cell, smooth, wet_min=wet_min,
+                grid_shape=y.shape[-2:] if coherent else None,
                 coarse=None if c is None else flat(c), base=flat(b), device=device,
             )  # fmt: skip
             return fixed.reshape(y.shape).astype(y.dtype)

@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 
 from .core.transforms import (
+    COHERENT_MAX,
     WET_TOLERANCE,
     check_eps,
     log_forward,
     log_inverse,
     minmax_forward,
     minmax_inverse,
+    speck_counts,
 )
 from .errors import InputError, UnitError, XDownscaleWarning
 
@@ -100,6 +102,11 @@ class LogNormalize:
     wet_min
         (log mode) Smallest positive value of the training data, its precision; None before
         :meth:`fit`, for ``log=False`` and for cards written before it was stored.
+    specks
+        (log mode) Share of the training data's wet cells (at least ``wet_min``) that are single wet
+        cells among dry ones or single dry cells inside rain (:func:`xdownscale.core.transforms.
+        speck_counts`; the last two dims are the grid); None for data of fewer than 2 dims, for
+        ``log=False`` and for cards written before it was stored. See :attr:`coherent`.
 
     Examples
     --------
@@ -123,12 +130,20 @@ class LogNormalize:
         self.data_min: float | None = None
         self.data_max: float | None = None
         self.wet_min: float | None = None
+        self.specks: float | None = None
 
     # ------------------------------------------------------------------ fitting
     @property
     def fitted(self) -> bool:
         """Whether :meth:`fit` (or :meth:`from_dict` with statistics) has been called."""
         return self.lo is not None and self.hi is not None
+
+    @property
+    def coherent(self) -> bool:
+        """Whether the training data's rain areas are coherent at the grid's scale (:attr:`specks` at
+        most :data:`~xdownscale.core.transforms.COHERENT_MAX`): then ``preserve`` removes single wet
+        cells and dry holes from a downscaled field as it puts its rain in recorded amounts."""
+        return self.wet_min is not None and self.specks is not None and self.specks <= COHERENT_MAX
 
     def fit(self, data: Any, *, units: str | None = None) -> LogNormalize:
         """Store the statistics of the training ``data`` (NaN ignored) and return ``self``.
@@ -170,6 +185,7 @@ class LogNormalize:
         self.lo, self.hi = lo, hi
         self.data_min, self.data_max = float(mn), float(mx)
         self.wet_min = float(wet) if self.log and np.isfinite(wet) else None
+        self.specks = None if self.wet_min is None else _specks(data, self.wet_min)
         self.units = None if units is None else str(units)
         return self
 
@@ -345,6 +361,7 @@ class LogNormalize:
             "data_min": self.data_min,
             "data_max": self.data_max,
             "wet_min": self.wet_min,
+            "specks": self.specks,
         }
 
     @classmethod
@@ -365,7 +382,10 @@ class LogNormalize:
                 f"LogNormalize.from_dict got a description of transform {d.get('transform')!r}; "
                 "expected 'LogNormalize'."
             )
-        known = {"transform", "version", "eps", "log", "units", "lo", "hi", "data_min", "data_max", "wet_min"}
+        known = {
+            "transform", "version", "eps", "log", "units", "lo", "hi", "data_min", "data_max", "wet_min",
+            "specks",
+        }  # fmt: skip
         unknown = set(d) - known
         if unknown:
             raise InputError(
@@ -391,6 +411,12 @@ class LogNormalize:
         if wet is not None and not (np.isfinite(float(wet)) and float(wet) > 0):
             raise InputError(f"A LogNormalize description needs a positive 'wet_min' (or none); got {wet!r}.")
         t.wet_min = None if wet is None else float(wet)
+        specks = d.get("specks")
+        if specks is not None and not (0.0 <= float(specks) <= 1.0):
+            raise InputError(
+                f"A LogNormalize description needs 'specks' in [0, 1] (or none); got {specks!r}."
+            )
+        t.specks = None if specks is None else float(specks)
         return t
 
     def __eq__(self, other: object) -> bool:
@@ -402,3 +428,25 @@ class LogNormalize:
         stats = f", lo={self.lo:.6g}, hi={self.hi:.6g}" if self.fitted else ", unfitted"
         units = f", units={self.units!r}" if self.units else ""
         return f"LogNormalize(eps={self.eps:g}, log={self.log}{units}{stats})"
+
+
+#: values per block when counting specks in lazy training data
+_SPECK_BLOCK = 20_000_000
+
+
+def _specks(data: Any, wet_min: float) -> float | None:
+    """:attr:`LogNormalize.specks` of ``data`` (NaN where no cell is wet; None below 2 dims), lazy data
+    a block of leading-axis slices at a time."""
+    shape = getattr(data, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    values = data.data if _is_xarray(data) else data
+    step = max(1, _SPECK_BLOCK // max(1, int(np.prod(shape[1:]))))
+    flagged = wet = 0
+    for start in range(0, max(1, shape[0]), step):
+        block = np.asarray(values[start : start + step])
+        if not np.issubdtype(block.dtype, np.number):
+            return None
+        f, w = speck_counts(block, wet_min)
+        flagged, wet = flagged + f, wet + w
+    return flagged / wet if wet else None

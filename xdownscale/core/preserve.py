@@ -31,15 +31,17 @@ used there (a multiplicative correction cannot create rain from nothing). With `
 (the smallest amount the training data record), values below it are drizzle: in a coarse cell that also
 has values at or above it they are set to 0 and the cell's wet values scaled up to keep its mean; in a
 coarse cell with no value that high, its rain goes to its largest values, as many as its total holds
-whole ``wet_min`` amounts (at least one), the others become 0.
+whole ``wet_min`` amounts (at least one), the others become 0. On a grid of known shape, specks and
+holes then go: a wet fine cell with at most :data:`~xdownscale.core.transforms.SPECK` of its valid
+neighbours (of 8) wet becomes dry, a dry one with at least :data:`~xdownscale.core.transforms.HOLE` of
+them wet becomes wet (``wet_min``), and each coarse cell's
+wet values are scaled to keep its mean (a coarse cell the rule would leave without rain keeps its
+values). Pixel by pixel, the drizzle rule leaves the network's light rain speckled: on E-OBS days
+coarse-grained to 1 degree the fields had twice the truth's number of separate wet patches and 2.5x its
+power at 50 km on dry days. An E-OBS field itself has few specks (0.9% of its wet cells): the rule
+changes it by 0.002 mm/day on average and its spectrum by under 3%. Callers pass the grid's shape only
+for models whose training data are that coherent (:attr:`xdownscale.LogNormalize.specks`).
 
-Numerics only (torch, float64, on the CPU or an accelerator; the operators' structure is built once per
-mask with numpy and scipy): :mod:`xdownscale.xr.preserve` finds ``cell`` and ``S`` from the grids and
-:mod:`xdownscale.preserve` applies the correction to DataArrays. The smooth field's constraints are
-solved exactly in banded form on the CPU (one banded Cholesky solve per field) and by Jacobi-
-preconditioned conjugate gradients on an accelerator (all fields of a batch at once, to a relative
-residual of :data:`CG_RTOL`: the output agrees with the banded solve's to about 1e-12 of its largest
-value, and the exact pass meets the means to round-off either way).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .transforms import WET_TOLERANCE
+from .transforms import HOLE, SPECK, WET_TOLERANCE
 
 __all__ = ["MeanPreserver", "float64_device", "preserve_means"]
 
@@ -83,6 +85,7 @@ def preserve_means(
     base: np.ndarray | None = None,
     device: str | torch.device | None = None,
     solver: str = "auto",
+    grid_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Scale non-negative fields ``y`` so that their coarse-cell means equal those of ``p`` (or, with
     ``coarse``, the input's coarse values).
@@ -116,6 +119,9 @@ def preserve_means(
         The smooth field's linear systems: ``"banded"`` (exact, one banded Cholesky solve per field, on
         the CPU), ``"cg"`` (conjugate gradients, all fields at once, on ``device``) or ``"auto"``
         (``"cg"`` on an accelerator, ``"banded"`` on the CPU).
+    grid_shape
+        Optional (rows, columns) of the fine grid, N = rows x columns in row-major order: with
+        ``wet_min``, wet and dry are then decided on each cell's 3 x 3 neighbourhood (see above).
 
     Returns
     -------
@@ -126,7 +132,8 @@ def preserve_means(
     Raises
     ------
     ValueError
-        Negative values in ``y`` or ``p``, ``cell`` of the wrong shape, or an unknown ``solver``.
+        Negative values in ``y`` or ``p``, ``cell`` or ``grid_shape`` not matching the fields' last axis, or
+        an unknown ``solver``.
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {', '.join(map(repr, _SOLVERS))}.")
@@ -138,6 +145,10 @@ def preserve_means(
     cell = np.asarray(cell)
     if cell.shape != (n,):
         raise ValueError(f"cell must have shape ({n},) like the fields' last axis; got {cell.shape}.")
+    if grid_shape is not None and int(np.prod(grid_shape)) != n:
+        raise ValueError(
+            f"grid_shape {tuple(grid_shape)} must hold the fields' last axis of {n} cells (rows x columns)."
+        )
     y2 = y.reshape(-1, n)
     p2 = p.reshape(-1, n)
     finite = np.isfinite(y2) & np.isfinite(p2)
@@ -166,7 +177,7 @@ def preserve_means(
         common = finite[fields[0]]
         if not (common & (cell >= 0)).any():
             continue
-        fix = MeanPreserver(common, cell, s, dev, wet_min=wet_min, banded=banded)
+        fix = MeanPreserver(common, cell, s, dev, wet_min=wet_min, banded=banded, grid_shape=grid_shape)
         for start in range(0, fields.size, fix.batch):
             part = fields[start : start + fix.batch]
             c = b = None
@@ -192,6 +203,8 @@ class MeanPreserver:
     banded
         Solve the smooth field's systems in banded form on the CPU (else conjugate gradients on
         ``device``).
+    grid_shape
+        As for :func:`preserve_means`.
     """
 
     def __init__(
@@ -203,10 +216,12 @@ class MeanPreserver:
         *,
         wet_min: float | None = None,
         banded: bool = True,
+        grid_shape: tuple[int, int] | None = None,
     ) -> None:
         self.ops = _Cells(common & (cell >= 0), cell, smooth, device, banded=banded)
         self.keep = torch.as_tensor(common, device=device)
         self.wet_min = wet_min
+        self.patches = None if grid_shape is None or wet_min is None else _WetArea(common, grid_shape, device)
         #: fields per call within the memory budget
         self.batch = self.ops.batch
 
@@ -230,6 +245,8 @@ class MeanPreserver:
         fixed = _correct(yv, pv, target, ops)
         if self.wet_min is not None:
             fixed = _without_drizzle(fixed, target, ops, self.wet_min)
+            if self.patches is not None:
+                fixed = self.patches(fixed, target, ops, self.wet_min)
         return torch.where(self.keep, fixed, y)
 
 
@@ -499,3 +516,37 @@ def _without_drizzle(y: torch.Tensor, target: torch.Tensor, ops: _Cells, wet_min
     out = y.clone()
     out[:, ops.where] = yv * ratio[:, own]
     return out
+
+
+class _WetArea:
+    """Specks and holes of the wet area removed (see the module's description): ``common`` (N,) the
+    valid cells of a grid of ``shape`` (rows, columns)."""
+
+    def __init__(self, common: np.ndarray, shape: tuple[int, int], device: torch.device) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.keep = torch.as_tensor(common, device=device)
+        self.kernel = torch.ones(1, 1, 3, 3, dtype=torch.float64, device=device)
+        self.kernel[..., 1, 1] = 0.0  # the 8 neighbours
+        self.valid = self._count(self.keep[None])  # (1, N): valid neighbours of each cell
+
+    def _count(self, flags: torch.Tensor) -> torch.Tensor:
+        """(F, N) flags -> (F, N): how many of each cell's 8 neighbours are set."""
+        grid = flags.to(torch.float64).reshape(-1, 1, *self.shape)
+        return torch.nn.functional.conv2d(grid, self.kernel, padding=1).reshape(flags.shape[0], -1)
+
+    def __call__(self, y: torch.Tensor, target: torch.Tensor, ops: _Cells, wet_min: float) -> torch.Tensor:
+        """``y`` (F, N), the drizzle rule's output, without specks and holes, the coarse means
+        ``target`` (F, M) kept."""
+        wet = (y >= wet_min * (1.0 - WET_TOLERANCE)) & self.keep
+        count, valid = self._count(wet), self.valid
+        speck = wet & (SPECK[1] * count <= SPECK[0] * valid)
+        hole = ~wet & (HOLE[1] * count >= HOLE[0] * valid)
+        now = torch.where(valid > 0, (wet & ~speck) | hole, wet) & self.keep  # a lone cell stays
+        moved = torch.where(now & ~wet, wet_min, torch.where(now, y, 0.0))
+        moved = torch.where(ops.valid, moved, y)
+        # a coarse cell with rain that the rule would leave dry keeps its values
+        lost = (target > 0) & (ops.means(moved) <= 0)
+        moved = torch.where(ops.spread(lost), y, moved)
+        have = ops.means(moved)
+        ratio = torch.where(have > 0, target / torch.where(have > 0, have, 1.0), 1.0)
+        return torch.where(ops.valid, moved * ops.spread(ratio), y)

@@ -18,18 +18,58 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "COHERENT_MAX",
+    "HOLE",
+    "SPECK",
     "WET_TOLERANCE",
     "check_eps",
     "log_forward",
     "log_inverse",
     "minmax_forward",
     "minmax_inverse",
+    "speck_counts",
 ]
 
 
 #: relative tolerance below a dry threshold ``wet_min`` under which a value counts as dry, so that
 #: ``wet_min`` itself survives a float32 round trip through the transform
 WET_TOLERANCE = 1e-5
+
+#: a wet cell with at most this share of its valid neighbours (of 8) wet is a *speck* ...
+SPECK = (3, 8)
+#: ... and a dry cell with at least this share of them wet a *hole*. The pair was chosen on the
+#: validation winter 1996/97 and 180 training days of E-OBS (1 degree perfect model, see
+#: benchmarks/diagnose_spectrum.py) among (0-3)/8 and (6-8)/8, of those that change an E-OBS field itself
+#: by under 0.002 mm/day and 3% of its power: the lowest CRPS, log-spectral distance and largest spectral
+#: factor on both. (A 3 x 3 majority vote did better on those days but trims the tips of real rain
+#: areas: E-OBS fields changed by 0.011 mm/day, their power at 50 km by 1.4x.)
+HOLE = (7, 8)
+#: largest share of specks and holes among its wet cells at which a model's training data count as
+#: coherent, so that ``preserve`` removes them from its output (E-OBS at 0.25 deg: 0.9%; at 0.5 deg:
+#: 2.0%; a thresholded random field of spectral slope 3: 15%, where single wet cells are real)
+COHERENT_MAX = 0.03
+
+
+def speck_counts(fields: np.ndarray, wet_min: float) -> tuple[int, int]:
+    """(specks and holes, wet cells) of ``fields`` (..., rows, columns; NaN = not valid): wet means at
+    least ``wet_min``; a speck is a wet cell with at most :data:`SPECK` of its valid neighbours wet, a
+    hole a dry valid cell with at least :data:`HOLE` of them wet (cells without valid neighbours are
+    neither)."""
+    from scipy import ndimage
+
+    x = np.asarray(fields, dtype=np.float64)
+    x = x.reshape(-1, *x.shape[-2:])
+    around = np.zeros((1, 3, 3))
+    around[0] = 1.0
+    around[0, 1, 1] = 0.0
+    valid = np.isfinite(x)
+    wet = valid & (np.nan_to_num(x) >= wet_min * (1.0 - WET_TOLERANCE))
+    count = ndimage.convolve(wet.astype(np.float64), around, mode="constant")
+    neighbours = ndimage.convolve(valid.astype(np.float64), around, mode="constant")
+    some = valid & (neighbours > 0)
+    speck = some & wet & (SPECK[1] * count <= SPECK[0] * neighbours)
+    hole = some & ~wet & (HOLE[1] * count >= HOLE[0] * neighbours)
+    return int(speck.sum() + hole.sum()), int(wet.sum())
 
 
 def check_eps(eps: float) -> float:

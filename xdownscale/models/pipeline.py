@@ -48,6 +48,8 @@ class FieldPipeline:
         (H, W) bool: the model's valid cells.
     eps, lo, hi, log, wet_min
         The model transform (:class:`xdownscale.transforms.LogNormalize`).
+    coherent
+        For ``"mean"``: remove specks and holes of the wet area too (the transform's ``coherent``).
     regrid
         From the input's grid to the model's; None when the input fields are the prepared fields (on the
         model grid, masked, in the model's transformed space).
@@ -74,6 +76,7 @@ class FieldPipeline:
     hi: float
     log: bool
     wet_min: float | None = None
+    coherent: bool = False
     regrid: Regrid | None = None
     lowpass: Lowpass | None = None
     clip: bool = False
@@ -175,7 +178,7 @@ class BoundPipeline:
             assert spec.cell is not None
             self.preserver = MeanPreserver(
                 common.ravel(), spec.cell, spec.smooth, self.f64, wet_min=spec.wet_min,
-                banded=self.f64.type == "cpu",
+                banded=self.f64.type == "cpu", grid_shape=spec.fine_shape if spec.coherent else None,
             )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

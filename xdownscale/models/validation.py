@@ -211,8 +211,9 @@ class PerfectModelValidation:
         out = self._members(phys)
         if log:
             wet_min = getattr(self.transform, "wet_min", None)
+            coherent = bool(getattr(self.transform, "coherent", False))
             fixed = preserve_large_scales(
-                out.clip(min=0.0), fine, rule="mean", coarse=self._coarse, wet_min=wet_min
+                out.clip(min=0.0), fine, rule="mean", coarse=self._coarse, wet_min=wet_min, coherent=coherent
             )
         else:
             fixed = preserve_large_scales(out, fine, rule="lowpass", wavenumber=self.wavenumber)
