@@ -1096,7 +1096,9 @@ def write_report(paired_sections: list, sections: list, args: argparse.Namespace
         f"amounts below {_wet_min():g} mm/day, the smallest positive value of the training data (E-OBS "
         "reports to 0.1 mm), are drizzle (`wet_min` in the model card): without `preserve` they are set "
         "to 0; with it, each input cell's rain is put on its values of at least that amount (or on its "
-        "largest values, as many as its total holds such amounts), its mean kept. 82% of the true test "
+        "largest values, as many as its total holds such amounts), its mean kept, and then single wet "
+        "cells among dry ones and dry holes inside rain go (the model's training data have coherent rain "
+        "areas: its card's `specks`). 82% of the true test "
         "values are 0, and members left at 1e-4 mm/day (the near-zero tail of the inverse log transform) "
         "would rank above every dry truth and tilt the rank histograms.",
         "",
