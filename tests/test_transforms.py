@@ -256,6 +256,8 @@ def test_specks_are_measured_at_fit_and_decide_coherent():
     assert s.specks > 0.1 and not s.coherent
     lazy = LogNormalize(eps=1.0).fit(dsa.from_array(speckled, chunks=(1, 20, 30)))
     assert lazy.specks == pytest.approx(s.specks)
+    one = LogNormalize(eps=1.0).fit(speckled[1])  # a single field (rows, columns)
+    assert one.specks == pytest.approx(LogNormalize(eps=1.0).fit(speckled[1:2]).specks)
     again = LogNormalize.from_dict(json.loads(json.dumps(t.to_dict())))
     assert again.specks == t.specks and again.coherent
     assert LogNormalize().fit(np.array([0.0, 1.0, 10.0])).specks is None

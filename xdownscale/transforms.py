@@ -441,6 +441,8 @@ def _specks(data: Any, wet_min: float) -> float | None:
     if shape is None or len(shape) < 2:
         return None
     values = data.data if _is_xarray(data) else data
+    if len(shape) == 2:  # one field
+        values, shape = values[None], (1, *shape)
     step = max(1, _SPECK_BLOCK // max(1, int(np.prod(shape[1:]))))
     flagged = wet = 0
     for start in range(0, max(1, shape[0]), step):
