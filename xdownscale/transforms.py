@@ -151,7 +151,8 @@ class LogNormalize:
         Parameters
         ----------
         data
-            numpy array, dask array or DataArray (lazy data is reduced with one dask compute).
+            numpy array, dask array or DataArray (lazy data is reduced with one dask compute, and
+            for :attr:`specks` read once more in blocks of leading-axis slices).
         units
             Units of ``data``; defaults to ``data.attrs["units"]`` for DataArrays.
 
