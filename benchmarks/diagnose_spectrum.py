@@ -3,8 +3,9 @@
 E-OBS days of the validation winter 1996/97 (inside the training period, never the test winters) are
 averaged over 4 x 4 blocks (1 deg) and downscaled back at the auto scale without ``preserve``; the
 large-scale correction is then applied to the same members in variants (the default: the solved smooth
-field, the exact pass, the drizzle rule and, for a model whose training data are coherent, the removal
-of single wet cells and dry holes; without that removal; without the drizzle rule; the exact pass
+field, the exact pass, the drizzle rule and, for a model whose training data are coherent, the rain
+receding from the dry coarse cells' edges and the removal of single wet cells and dry holes; without the
+receding edges; without either; without the drizzle rule; the exact pass
 alone, piecewise constant), and the members' power spectrum is compared with the truth's per
 wavelength, in the report's space log(x + 0.1 mm/day) and in mm/day, with the report's masked
 estimator. The largest factor and the log-spectral distance over all wavelengths close each column.
@@ -29,6 +30,7 @@ from diagnose_dispersion import validation_case
 from evaluate_iberia import LOG_OFFSET, _mm
 
 import xdownscale
+from xdownscale.core import preserve
 from xdownscale.core.preserve import preserve_means
 from xdownscale.core.spectra import log_spectral_distance
 from xdownscale.core.transforms import WET_TOLERANCE
@@ -59,14 +61,21 @@ def variants(
     shape = (h, w) if cm.transform.coherent else None  # specks and holes go (the model's data allow it)
     options: dict[str, dict[str, Any]] = {
         "default": dict(smooth=smooth, wet_min=wet_min, grid_shape=shape),
-        "specks kept": dict(smooth=smooth, wet_min=wet_min),
+        "dry edges kept": dict(smooth=smooth, wet_min=wet_min, grid_shape=shape),
+        "edges and specks kept": dict(smooth=smooth, wet_min=wet_min),
         "no drizzle rule": dict(smooth=smooth, wet_min=None),
         "exact pass only": dict(smooth=None, wet_min=wet_min, grid_shape=shape),
     }
     if shape is None:
-        del options["specks kept"]
+        del options["dry edges kept"], options["edges and specks kept"]
+    edge = preserve.DRY_EDGE
     for name, kw in options.items():
-        fixed = preserve_means(flat, p, cell, coarse=values, **kw)
+        # "dry edges kept": the grid's rules with the edge rule a no-op (each cell keeps all its rain)
+        preserve.DRY_EDGE = 1.0 if name == "dry edges kept" else edge
+        try:
+            fixed = preserve_means(flat, p, cell, coarse=values, **kw)
+        finally:
+            preserve.DRY_EDGE = edge
         out[name] = raw.copy(data=fixed.reshape(y.shape)).transpose(*raw.dims)
     return out
 
@@ -121,7 +130,8 @@ def main() -> None:
         scores = [log_spectral_distance(r[ok], np.ones(int(ok.sum()))) for r in ratios.values()]
         print("| largest factor | " + " | ".join(f"{s[1]:.2f}" for s in scores) + " |")
         print("| log-spectral distance | " + " | ".join(f"{s[0]:.3f}" for s in scores) + " |")
-    for name in ("network alone (preserve=False)", "no drizzle rule", "specks kept", "default"):
+    regimes = ("network alone (preserve=False)", "no drizzle rule", "edges and specks kept", "dry edges kept")
+    for name in (*regimes, "default"):
         if name in fields:
             by_regime(fields[name], truth, mask, name)
 
