@@ -337,6 +337,31 @@ def _specks_oracle(y: np.ndarray, target: np.ndarray, cell: np.ndarray, land: np
     return np.where(land, out, np.nan)
 
 
+def test_rain_recedes_from_a_dry_coarse_cell_and_not_from_the_sea() -> None:
+    """On an 8 x 8 grid of four 4 x 4 input cells (top left dry, bottom left sea, the rest wet) an
+    output that rains 2 mm/day everywhere comes back with the cells next to the dry cell's land (its
+    column, and one diagonal cell below) at a tenth of their neighbours' value, the cells next to the sea
+    untouched, every mean exact; without the grid's shape the rain runs up to the dry cell's edge."""
+    from xdownscale.core.preserve import DRY_EDGE
+
+    cell = _blocks(8, 8, 4)
+    y = np.full((1, 64), 2.0)
+    p = np.ones((1, 64))
+    p[0, cell == 0] = 0.0  # the input says the top-left cell is dry
+    y[0, cell == 2] = p[0, cell == 2] = np.nan  # sea
+    got = preserve_means(y, p, cell, wet_min=0.1, grid_shape=(8, 8))[0].reshape(8, 8)
+    assert DRY_EDGE == 0.1
+    np.testing.assert_array_equal(got[:4, :4], 0.0)
+    assert np.isnan(got[4:, :4]).all()
+    np.testing.assert_allclose(got[:4, 4], 0.1 * got[:4, 5], rtol=1e-12)  # next to the dry cell
+    np.testing.assert_allclose(got[4, 4], 0.1 * got[4, 5], rtol=1e-12)  # its diagonal neighbour
+    np.testing.assert_allclose(got[5:, 4], got[5:, 5], rtol=1e-12)  # next to the sea: unchanged
+    for j in (1, 3):
+        np.testing.assert_allclose(got.ravel()[cell == j].mean(), 1.0, rtol=1e-12)
+    plain = preserve_means(y, p, cell, wet_min=0.1)[0].reshape(8, 8)
+    np.testing.assert_allclose(plain[:, 4:], 1.0, rtol=1e-12)
+
+
 def _dry_edges_oracle(y: np.ndarray, p: np.ndarray, cell: np.ndarray, land: np.ndarray) -> np.ndarray:
     """``y`` (rows, cols) with the land cells next to (8 neighbours) the land cells of a coarse cell
     where ``p`` is dry times 0.1, with scipy."""

@@ -54,9 +54,10 @@ def preserve_large_scales(
         For ``"mean"``: the dry threshold (see :func:`xdownscale.core.preserve.preserve_means`); values
         below it move onto the wet values of their coarse cell.
     coherent
-        For ``"mean"`` with ``wet_min``: also remove single wet cells among dry ones and single dry
-        cells inside rain (for a model whose training data have few, :attr:`xdownscale.LogNormalize.
-        coherent`; see :func:`xdownscale.core.preserve.preserve_means`).
+        For ``"mean"`` with ``wet_min``: also let the rain recede from dry coarse cells and remove
+        single wet cells among dry ones and single dry cells inside rain (for a model whose training
+        data have few, :attr:`xdownscale.LogNormalize.coherent`; see
+        :func:`xdownscale.core.preserve.preserve_means`).
     device
         For ``"mean"``: where the correction's arithmetic runs (``"cuda"``: on the GPU, the smooth field
         solved by conjugate gradients; None or ``"cpu"``: on the CPU, by banded solves).

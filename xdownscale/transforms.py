@@ -141,8 +141,9 @@ class LogNormalize:
     @property
     def coherent(self) -> bool:
         """Whether the training data's rain areas are coherent at the grid's scale (:attr:`specks` at
-        most :data:`~xdownscale.core.transforms.COHERENT_MAX`): then ``preserve`` removes single wet
-        cells and dry holes from a downscaled field as it puts its rain in recorded amounts."""
+        most :data:`~xdownscale.core.transforms.COHERENT_MAX`): then ``preserve`` lets a downscaled
+        field's rain recede from the input's dry cells and removes single wet cells and dry holes as it
+        puts its rain in recorded amounts."""
         return self.wet_min is not None and self.specks is not None and self.specks <= COHERENT_MAX
 
     def fit(self, data: Any, *, units: str | None = None) -> LogNormalize:

@@ -45,8 +45,9 @@ SPECK = (3, 8)
 #: areas: E-OBS fields changed by 0.011 mm/day, their power at 50 km by 1.4x.)
 HOLE = (7, 8)
 #: largest share of specks and holes among its wet cells at which a model's training data count as
-#: coherent, so that ``preserve`` removes them from its output (E-OBS at 0.25 deg: 0.9%; at 0.5 deg:
-#: 2.0%; a thresholded random field of spectral slope 3: 15%, where single wet cells are real)
+#: coherent, so that ``preserve`` removes them from its output and lets its rain recede from dry input
+#: cells (E-OBS at 0.25 deg: 0.9%; at 0.5 deg: 2.0%; a thresholded random field of spectral slope 3: 15%,
+#: where single wet cells are real)
 COHERENT_MAX = 0.03
 
 

@@ -49,7 +49,8 @@ class FieldPipeline:
     eps, lo, hi, log, wet_min
         The model transform (:class:`xdownscale.transforms.LogNormalize`).
     coherent
-        For ``"mean"``: remove specks and holes of the wet area too (the transform's ``coherent``).
+        For ``"mean"``: the rain recedes from dry coarse cells and the specks and holes of the wet
+        area go too (the transform's ``coherent``).
     regrid
         From the input's grid to the model's; None when the input fields are the prepared fields (on the
         model grid, masked, in the model's transformed space).
