@@ -16,6 +16,7 @@ spectrum entries of docs/limitations.md.
     python benchmarks/diagnose_spectrum.py            # under a minute on 2 cores
     python benchmarks/diagnose_spectrum.py --test-winters --days 90   # explains the report's spectrum
     python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
+    python benchmarks/diagnose_spectrum.py --all-winters   # every variant on all seven winters (2 min)
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from diagnose_dispersion import validation_case
-from evaluate_iberia import LOG_OFFSET, _mm
+from evaluate_iberia import DATA, LOG_OFFSET, _mm, _paired_inputs
 
 import xdownscale
+from xdownscale import metrics
 from xdownscale.core import preserve
 from xdownscale.core.preserve import preserve_means
 from xdownscale.core.spectra import log_spectral_distance
@@ -94,20 +96,78 @@ def _options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="diagnose the test winters 1997/98-1999/2000 instead (to explain the report, not to choose)",
     )
+    parser.add_argument(
+        "--all-winters",
+        action="store_true",
+        help="score every variant on each of the seven training and validation winters instead (DJF "
+        "1990/91-1996/97): a choice made on one winter must hold on the others",
+    )
+
+
+#: the winters the shipped models were trained (1990/91-1995/96) and validated (1996/97) on
+WINTERS = tuple(range(1990, 1997))
+
+
+def _members(coarse: xr.DataArray, cm: Any, members: int) -> tuple[xr.DataArray, xr.DataArray]:
+    """(the members before the drizzle rule, ``preserve=False``; the bilinear field), mm/day."""
+    kwargs = dict(model=cm, members=members, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        wet_min, cm.transform.wet_min = cm.transform.wet_min, None
+        try:
+            raw = _mm(coarse.downscale.cm(preserve=False, **kwargs)).load()
+        finally:
+            cm.transform.wet_min = wet_min
+    return raw, _mm(coarse.downscale.prepare(model=cm, transform=False)).load()
+
+
+def all_winters(cm: Any, members: int, days: int) -> None:
+    """Log-spectral distance, largest factor (log space) and CRPS of every variant on each winter of
+    :data:`WINTERS`, and on how many winters each variant beats the default."""
+    data = _mm(xr.open_dataset(DATA / "eobs_0.25deg_tp_djf1991-2000.nc")["tp"])
+    mask = cm.grid["mask"]
+    scores: dict[str, list[tuple[float, float, float]]] = {}
+    for year in WINTERS:
+        truth, coarse = _paired_inputs(
+            data.sel(time=slice(f"{year}-12-01", f"{year + 1}-02-28")).load(), 4, days
+        )
+        raw, bilinear = _members(coarse, cm, members)
+        ref = spectrum(truth, mask, True)
+        for name, field in variants(raw, coarse, bilinear, cm).items():
+            ratio = (spectrum(field, mask, True) / ref).values
+            ok = np.isfinite(ratio)
+            lsd, factor, _ = log_spectral_distance(ratio[ok], np.ones(int(ok.sum())))
+            crps = float(
+                metrics.crps_ensemble(field.where(mask), truth.where(mask), member_dim="member").mean()
+            )
+            scores.setdefault(name, []).append((lsd, factor, crps))
+    print(f"{cm.name}, DJF 1990/91-1996/97, 1 deg perfect model, {members} members, {days} days a winter")
+    for k, label in enumerate(("log-spectral distance (log space)", "largest factor", "CRPS, mm/day")):
+        print(f"\n{label}")
+        print("| winter | " + " | ".join(scores) + " |")
+        print("|---" * (len(scores) + 1) + "|")
+        for i, year in enumerate(WINTERS):
+            print(
+                f"| {year}/{(year + 1) % 100:02d} | "
+                + " | ".join(f"{v[i][k]:.3f}" for v in scores.values())
+                + " |"
+            )
+        default = [v[k] for v in scores["default"]]
+        wins = [sum(v[i][k] < default[i] for i in range(len(WINTERS))) for v in scores.values()]
+        print("| lower than the default's | " + " | ".join(str(w) for w in wins) + " |")
 
 
 def main() -> None:
     args, cm, truth, coarse = validation_case(__doc__, 4, _options)
+    if args.all_winters:
+        all_winters(cm, args.members, args.days)
+        return
     winter = "test winters" if args.test_winters else "validation winter"
     mask = cm.grid["mask"]
-    kwargs = dict(model=cm, members=args.members, seed=0, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XDownscaleWarning)
-        shipped = coarse.downscale.cm(**kwargs)
-        wet_min, cm.transform.wet_min = cm.transform.wet_min, None  # the members before the drizzle rule
-        raw = _mm(coarse.downscale.cm(preserve=False, **kwargs)).load()
-        cm.transform.wet_min = wet_min
-    bilinear = _mm(coarse.downscale.prepare(model=cm, transform=False)).load()
+        shipped = coarse.downscale.cm(model=cm, members=args.members, seed=0, progress=False)
+    raw, bilinear = _members(coarse, cm, args.members)  # the members before the drizzle rule
     fields = variants(raw, coarse, bilinear, cm)
     default = fields["default"]
     gap = float(np.nanmax(np.abs(default.values - _mm(shipped).transpose(*raw.dims).values)))
