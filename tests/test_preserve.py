@@ -311,6 +311,12 @@ def test_the_shipped_precipitation_models_data_are_coherent() -> None:
     for name in ("cm-eobs-iberia-0.25deg-pr", "sde-eobs-iberia-0.25deg-pr"):
         t = xdownscale.load_model(name).transform
         assert t.coherent and 0.0 < t.specks < 0.01
+    joint = xdownscale.load_model("cm-eobs-iberia-0.5deg-pr-tas")  # E-OBS at 0.5 deg: 2.1%
+    assert (
+        joint.for_variable("pr").transform.coherent
+        and 0.01 < joint.for_variable("pr").transform.specks < 0.03
+    )
+    assert not joint.for_variable("tas").transform.coherent
 
 
 def _specks_oracle(y: np.ndarray, target: np.ndarray, cell: np.ndarray, land: np.ndarray) -> np.ndarray:
