@@ -105,8 +105,8 @@ class LogNormalize:
     specks
         (log mode) Share of the training data's wet cells (at least ``wet_min``) that are single wet
         cells among dry ones or single dry cells inside rain (:func:`xdownscale.core.transforms.
-        speck_counts`; the last two dims are the grid); None for data of fewer than 2 dims, for
-        ``log=False`` and for cards written before it was stored. See :attr:`coherent`.
+        speck_counts`; the last two dims are the grid); None for data of fewer than 2 dims or without
+        wet cells, for ``log=False`` and for cards written before it was stored. See :attr:`coherent`.
 
     Examples
     --------
@@ -437,8 +437,8 @@ _SPECK_BLOCK = 20_000_000
 
 
 def _specks(data: Any, wet_min: float) -> float | None:
-    """:attr:`LogNormalize.specks` of ``data`` (NaN where no cell is wet; None below 2 dims), lazy data
-    a block of leading-axis slices at a time."""
+    """:attr:`LogNormalize.specks` of ``data`` (None where no cell is wet or below 2 dims), lazy data a
+    block of leading-axis slices at a time."""
     shape = getattr(data, "shape", None)
     if shape is None or len(shape) < 2:
         return None

@@ -460,12 +460,18 @@ class _SmoothSolve:
         return x
 
 
+def _tiny(values: torch.Tensor) -> torch.Tensor:
+    """(F, 1): what counts as 0 among the values (F, M) of each field, 1e-12 of its largest magnitude
+    (a dry coarse cell's target is at most this)."""
+    return 1e-12 * values.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+
+
 def _to_coarse_values(p: torch.Tensor, base: torch.Tensor, values: torch.Tensor, ops: _Cells) -> torch.Tensor:
     """``p`` (F, N) scaled over each coarse cell so that its mean there is ``values`` (F, M) times
     mean(p) / mean(base); where ``base`` is dry over a cell, ``values`` itself, evenly; where ``values``
     is NaN, ``p`` unchanged."""
     before = ops.means(base)
-    tiny = 1e-12 * before.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    tiny = _tiny(before)
     known = torch.isfinite(values)
     ok = (before > tiny) & known
     ratio = torch.where(ok, torch.where(ok, values, 0.0) / torch.where(ok, before, 1.0), 1.0)
@@ -478,7 +484,7 @@ def _to_coarse_values(p: torch.Tensor, base: torch.Tensor, values: torch.Tensor,
 def _correct(y: torch.Tensor, p: torch.Tensor, target: torch.Tensor, ops: _Cells) -> torch.Tensor:
     """The smooth field and the exact pass for a stack of fields (F, N); ``target`` (F, M) the means
     of ``p`` over the coarse cells."""
-    tiny = 1e-12 * target.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    tiny = _tiny(target)
     dry = target <= tiny
     # a dry coarse cell stays dry; a wet one the output left dry takes the input's values
     y = torch.where(ops.spread(dry), 0.0, y)
@@ -556,8 +562,7 @@ class _WetArea:
     def dry_edges(self, y: torch.Tensor, target: torch.Tensor, ops: _Cells) -> torch.Tensor:
         """``y`` (F, N) with the values of the cells next to a dry coarse cell (of ``target`` (F, M); the
         8 neighbours of its valid cells) times :data:`DRY_EDGE`, before the means are restored."""
-        tiny = 1e-12 * target.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-        dry = ops.spread(target <= tiny) & ops.valid & self.keep
+        dry = ops.spread(target <= _tiny(target)) & ops.valid & self.keep
         edge = (self._count(dry) > 0) & ~dry & ops.valid & self.keep
         return torch.where(edge, y * DRY_EDGE, y)
 
