@@ -5,18 +5,17 @@ averaged over 4 x 4 blocks (1 deg) and downscaled back at the auto scale without
 large-scale correction is then applied to the same members in variants (the default: the solved smooth
 field, the exact pass, the drizzle rule and, for a model whose training data are coherent, the rain
 receding from the dry coarse cells' edges and the removal of single wet cells and dry holes; without the
-receding edges; without either; without the drizzle rule; the exact pass
-alone, piecewise constant), and the members' power spectrum is compared with the truth's per
-wavelength, in the report's space log(x + 0.1 mm/day) and in mm/day, with the report's masked
-estimator. The largest factor and the log-spectral distance over all wavelengths close each column.
-Then the same ratio by how wet the day is (the truth's share of land cells with at least 1 mm): the
-members' excess power at small scales on dry days, their deficit on wet ones. The numbers back the
-spectrum entries of docs/limitations.md.
+receding edges; without either; without the drizzle rule; the exact pass alone, piecewise constant), and
+the members' power spectrum is compared with the truth's per wavelength, in the report's space log(x + 0.1
+mm/day) and in mm/day, with the report's masked estimator. The largest factor and the log-spectral
+distance over all wavelengths close each column. Then the same ratio by how wet the day is (the truth's
+share of land cells with at least 1 mm): the members' excess power at small scales on dry days, their
+deficit on wet ones. The numbers back the spectrum entries of docs/limitations.md.
 
     python benchmarks/diagnose_spectrum.py            # under a minute on 2 cores
     python benchmarks/diagnose_spectrum.py --test-winters --days 90   # explains the report's spectrum
     python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
-    python benchmarks/diagnose_spectrum.py --all-winters   # every variant on all seven winters (2 min)
+    python benchmarks/diagnose_spectrum.py --all-winters   # every variant on all seven winters (30 s)
 """
 
 from __future__ import annotations
@@ -190,8 +189,8 @@ def main() -> None:
         scores = [log_spectral_distance(r[ok], np.ones(int(ok.sum()))) for r in ratios.values()]
         print("| largest factor | " + " | ".join(f"{s[1]:.2f}" for s in scores) + " |")
         print("| log-spectral distance | " + " | ".join(f"{s[0]:.3f}" for s in scores) + " |")
-    regimes = ("network alone (preserve=False)", "no drizzle rule", "edges and specks kept", "dry edges kept")
-    for name in (*regimes, "default"):
+    shown = ("network alone (preserve=False)", "no drizzle rule", "edges and specks kept", "dry edges kept")
+    for name in (*shown, "default"):
         if name in fields:
             by_regime(fields[name], truth, mask, name)
 
