@@ -18,6 +18,7 @@ structure; noise that passes through is spread that follows nothing in the data.
 
     python benchmarks/diagnose_dispersion.py            # under a minute on 2 cores
     python benchmarks/diagnose_dispersion.py --model runs/NAME/NAME.safetensors   # a candidate model
+    python benchmarks/diagnose_dispersion.py --test-winters   # all 271 test days: explains the report
 """
 
 from __future__ import annotations
@@ -42,14 +43,24 @@ BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 15.0), (15.0, np.inf))  # ensemble mean, m
 def validation_case(
     doc: str, members: int, options: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray]:
-    """The command line of a diagnosis (``--members``, ``--days``, ``--model``, and what ``options`` adds;
-    ``doc`` its help) and its case: (arguments, the model, the validation winter's true days, the same
-    days averaged over 4 x 4 blocks)."""
+    """The command line of a diagnosis (``--members``, ``--days``, ``--model``, ``--test-winters`` and
+    what ``options`` adds; ``doc`` its help) and its case: (arguments, the model, the validation winter's
+    or the test winters' true days, the same days averaged over 4 x 4 blocks)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=members)
-    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=None,
+        help="days to score (0: all; default: 90, the validation winter's, or all test days, as the report)",
+    )
     parser.add_argument(
         "--model", default=CM_NAME, help="shipped model name or weights path (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--test-winters",
+        action="store_true",
+        help="diagnose the test winters 1997/98-1999/2000 instead (to explain the report, not to choose)",
     )
     if options is not None:
         options(parser)
@@ -59,10 +70,16 @@ def validation_case(
     if not path.exists():
         raise SystemExit(f"{path} not found: the shared data must sit beside the repository.")
     # a diagnosis may look at the test winters (to explain the report); a choice never does
-    period = TEST if getattr(args, "test_winters", False) else VALIDATION
+    period = TEST if args.test_winters else VALIDATION
+    if args.days is None:
+        args.days = 0 if args.test_winters else 90
     days = _mm(xr.open_dataset(path)["tp"].sel(time=period)).load()
     truth, coarse = _paired_inputs(days, 4, args.days)
     return args, cm, truth, coarse
+
+
+def period_name(args: argparse.Namespace) -> str:
+    return "test winters" if args.test_winters else "validation winter"
 
 
 def main() -> None:
@@ -70,7 +87,7 @@ def main() -> None:
     mask = cm.grid["mask"]
     truth = truth.where(mask)
     print(
-        f"{args.model}, validation winter, 1 deg perfect model, {args.members} members, "
+        f"{args.model}, {period_name(args)}, 1 deg perfect model, {args.members} members, "
         f"{truth.sizes['time']} days"
     )
     print(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from diagnose_dispersion import validation_case
+from diagnose_dispersion import period_name, validation_case
 from evaluate_iberia import CONSERVING, _mm, _paired_scores, _paired_sweep_table, paired_sweep
 
 from xdownscale.errors import XDownscaleWarning
@@ -59,7 +59,7 @@ def main() -> None:
     ).load()
     bar = {"method": CONSERVING, **_paired_scores(conserving, truth, cm, coarse)}
     print(
-        f"{args.model}, validation winter, 1 deg perfect model, {args.members} members, "
+        f"{args.model}, {period_name(args)}, 1 deg perfect model, {args.members} members, "
         f"{truth.sizes['time']} days; auto scale {scale}"
     )
     sweep = paired_sweep(truth, coarse, cm, scale, args.members, args.factors)

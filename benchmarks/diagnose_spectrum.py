@@ -13,7 +13,7 @@ share of land cells with at least 1 mm): the members' excess power at small scal
 deficit on wet ones. The numbers back the spectrum entries of docs/limitations.md.
 
     python benchmarks/diagnose_spectrum.py            # under a minute on 2 cores
-    python benchmarks/diagnose_spectrum.py --test-winters --days 90   # explains the report's spectrum
+    python benchmarks/diagnose_spectrum.py --test-winters   # all 271 test days: explains the report
     python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
     python benchmarks/diagnose_spectrum.py --all-winters   # every variant on all seven winters (30 s)
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from diagnose_dispersion import validation_case
+from diagnose_dispersion import period_name, validation_case
 from evaluate_iberia import DATA, LOG_OFFSET, _mm, _paired_inputs
 
 import xdownscale
@@ -90,11 +90,6 @@ def spectrum(field: xr.DataArray, mask: xr.DataArray, log: bool) -> xr.DataArray
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--test-winters",
-        action="store_true",
-        help="diagnose the test winters 1997/98-1999/2000 instead (to explain the report, not to choose)",
-    )
     parser.add_argument(
         "--all-winters",
         action="store_true",
@@ -161,7 +156,7 @@ def main() -> None:
     if args.all_winters:
         all_winters(cm, args.members, args.days)
         return
-    winter = "test winters" if args.test_winters else "validation winter"
+    winter = period_name(args)
     mask = cm.grid["mask"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XDownscaleWarning)
