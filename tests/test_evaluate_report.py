@@ -133,7 +133,7 @@ def test_spread_skill_of_the_report_is_the_library_score(evaluate: ModuleType) -
 
 
 def test_paired_days_are_all_test_days_unless_a_subset_is_asked_for(evaluate: ModuleType) -> None:
-    assert np.array_equal(evaluate._blocks(271, 0), np.arange(271))  # the default: every test day
+    assert np.array_equal(evaluate._blocks(271, 0), np.arange(271))  # --paired-days 0, the default
     assert np.array_equal(evaluate._blocks(271, 400), np.arange(271))
     sub = evaluate._blocks(271, 60)  # the SDE's days: 6 blocks of 10 consecutive days, first to last
     assert sub.size == 60 and sub[0] == 0 and sub[-1] == 270
