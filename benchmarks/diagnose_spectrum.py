@@ -16,6 +16,7 @@ deficit on wet ones. The numbers back the spectrum entries of docs/limitations.m
     python benchmarks/diagnose_spectrum.py --test-winters   # all 271 test days: explains the report
     python benchmarks/diagnose_spectrum.py --model runs/NAME/NAME.safetensors   # a candidate model
     python benchmarks/diagnose_spectrum.py --all-winters   # every variant on all seven winters (40 s)
+    python benchmarks/diagnose_spectrum.py --all-winters --test-winters   # each test winter alone
 """
 
 from __future__ import annotations
@@ -94,12 +95,16 @@ def _options(parser: argparse.ArgumentParser) -> None:
         "--all-winters",
         action="store_true",
         help="score every variant on each of the seven training and validation winters instead (DJF "
-        "1990/91-1996/97): a choice made on one winter must hold on the others",
+        "1990/91-1996/97): a choice made on one winter must hold on the others; with --test-winters on "
+        "each test winter (to explain the report)",
     )
 
 
 #: the winters the shipped models were trained (1990/91-1995/96) and validated (1996/97) on
 WINTERS = tuple(range(1990, 1997))
+#: the test winters 1997/98-1999/2000 (``--all-winters --test-winters``: to explain the report one winter
+#: at a time, never to choose)
+TEST_WINTERS = tuple(range(1997, 2000))
 
 
 def _members(coarse: xr.DataArray, cm: Any, members: int) -> tuple[xr.DataArray, xr.DataArray]:
@@ -115,16 +120,16 @@ def _members(coarse: xr.DataArray, cm: Any, members: int) -> tuple[xr.DataArray,
     return raw, _mm(coarse.downscale.prepare(model=cm, transform=False)).load()
 
 
-def all_winters(cm: Any, members: int, days: int) -> None:
+def all_winters(cm: Any, members: int, days: int, winters: tuple[int, ...] = WINTERS) -> None:
     """Log-spectral distance, largest factor (log space), CRPS and spread/skill (mm/day) of every variant
-    on each winter of :data:`WINTERS`, and on how many winters each variant beats the default (lower, or
-    for spread/skill nearer 1)."""
+    on each of ``winters`` (the year of each December), and on how many winters each variant beats the
+    default (lower, or for spread/skill nearer 1)."""
     data = _mm(xr.open_dataset(DATA / "eobs_0.25deg_tp_djf1991-2000.nc")["tp"])
     mask = cm.grid["mask"]
     scores: dict[str, list[tuple[float, float, float, float]]] = {}
-    for year in WINTERS:
+    for year in winters:
         truth, coarse = _paired_inputs(
-            data.sel(time=slice(f"{year}-12-01", f"{year + 1}-02-28")).load(), 4, days
+            data.sel(time=slice(f"{year}-12-01", f"{year + 1}-02")).load(), 4, days
         )
         raw, bilinear = _members(coarse, cm, members)
         ref = spectrum(truth, mask, True)
@@ -135,13 +140,15 @@ def all_winters(cm: Any, members: int, days: int) -> None:
             ens = field.where(mask)
             crps = float(metrics.crps_ensemble(ens, truth.where(mask), member_dim="member").mean())
             scores.setdefault(name, []).append((lsd, factor, crps, spread_skill(ens, truth.where(mask))[0]))
-    print(f"{cm.name}, DJF 1990/91-1996/97, 1 deg perfect model, {members} members, {days} days a winter")
+    first, last = winters[0], winters[-1] + 1
+    span = f"DJF {first}/{(first + 1) % 100:02d}-{last - 1}/{last % 100:02d}"
+    print(f"{cm.name}, {span}, 1 deg perfect model, {members} members, {days or 'all'} days a winter")
     labels = ("log-spectral distance (log space)", "largest factor", "CRPS, mm/day", "spread/skill, mm/day")
     for k, label in enumerate(labels):
         print(f"\n{label}")
         print("| winter | " + " | ".join(scores) + " |")
         print("|---" * (len(scores) + 1) + "|")
-        for i, year in enumerate(WINTERS):
+        for i, year in enumerate(winters):
             print(
                 f"| {year}/{(year + 1) % 100:02d} | "
                 + " | ".join(f"{v[i][k]:.3f}" for v in scores.values())
@@ -150,14 +157,14 @@ def all_winters(cm: Any, members: int, days: int) -> None:
         # better: lower, or for spread/skill nearer 1 (calibrated)
         better = (lambda v, d: abs(v - 1) < abs(d - 1)) if k == 3 else (lambda v, d: v < d)
         default = [v[k] for v in scores["default"]]
-        wins = [sum(better(v[i][k], default[i]) for i in range(len(WINTERS))) for v in scores.values()]
+        wins = [sum(better(v[i][k], default[i]) for i in range(len(winters))) for v in scores.values()]
         print("| better than the default's | " + " | ".join(str(w) for w in wins) + " |")
 
 
 def main() -> None:
     args, cm, truth, coarse = validation_case(__doc__, 4, _options)
     if args.all_winters:
-        all_winters(cm, args.members, args.days)
+        all_winters(cm, args.members, args.days, TEST_WINTERS if args.test_winters else WINTERS)
         return
     winter = period_name(args)
     mask = cm.grid["mask"]
