@@ -107,9 +107,11 @@ WINTERS = tuple(range(1990, 1997))
 TEST_WINTERS = tuple(range(1997, 2000))
 
 
-def _members(coarse: xr.DataArray, cm: Any, members: int) -> tuple[xr.DataArray, xr.DataArray]:
+def _members(
+    coarse: xr.DataArray, cm: Any, members: int, scale: Any = "auto"
+) -> tuple[xr.DataArray, xr.DataArray]:
     """(the members before the drizzle rule, ``preserve=False``; the bilinear field), mm/day."""
-    kwargs = dict(model=cm, members=members, seed=0, progress=False)
+    kwargs = dict(model=cm, members=members, seed=0, progress=False, scale=scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XDownscaleWarning)
         wet_min, cm.transform.wet_min = cm.transform.wet_min, None
@@ -136,15 +138,16 @@ def all_winters(cm: Any, members: int, days: int, winters: tuple[int, ...] = WIN
             warnings.simplefilter("ignore", XDownscaleWarning)
             picks.append(coarse.downscale.select_scale(model=cm))
         inputs.append(coarse)
-        raw, bilinear = _members(coarse, cm, members)
+        raw, bilinear = _members(coarse, cm, members, picks[-1])  # resolved once, above
         ref = spectrum(truth, mask, True)
+        truth = truth.where(mask)
         for name, field in variants(raw, coarse, bilinear, cm).items():
             ratio = (spectrum(field, mask, True) / ref).values
             ok = np.isfinite(ratio)
             lsd, factor, _ = log_spectral_distance(ratio[ok], np.ones(int(ok.sum())))
             ens = field.where(mask)
-            crps = float(metrics.crps_ensemble(ens, truth.where(mask), member_dim="member").mean())
-            scores.setdefault(name, []).append((lsd, factor, crps, spread_skill(ens, truth.where(mask))[0]))
+            crps = float(metrics.crps_ensemble(ens, truth, member_dim="member").mean())
+            scores.setdefault(name, []).append((lsd, factor, crps, spread_skill(ens, truth)[0]))
     first, last = winters[0], winters[-1] + 1
     span = f"DJF {first}/{(first + 1) % 100:02d}-{last - 1}/{last % 100:02d}"
     print(f"{cm.name}, {span}, 1 deg perfect model, {members} members, {days or 'all'} days a winter")
