@@ -459,6 +459,9 @@ def paired(
     ``scale="auto"`` is resolved once on the training winters, as a user's plan resolves it on the
     reference period: with QDM on ``hist`` (after QDM), otherwise on ``reference`` (the training winters
     coarse-grained like ``coarse``)."""
+    source = coarse if qdm else reference
+    if source is None:
+        raise ValueError("paired() without QDM needs reference= (the training winters, coarse-grained)")
     kwargs: dict[str, Any] = {"qdm": qdm, "hist": hist} if qdm else {}
     fields: dict[str, xr.DataArray] = {}
     seconds: dict[str, float] = {}
@@ -476,9 +479,6 @@ def paired(
         seconds[CONSERVING] = seconds["bilinear"] + (time.perf_counter() - t0) / coarse.sizes["time"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XDownscaleWarning)
-        source = coarse if qdm else reference
-        if source is None:
-            raise ValueError("paired() without QDM needs reference= (the training winters, coarse-grained)")
         scale = source.downscale.select_scale(model=cm, **kwargs)
     for name, extra in (
         ("CM 1 step", {}),

@@ -182,3 +182,11 @@ def test_the_sde_gets_the_cms_wavenumber_and_its_own_noise_level(evaluate: Modul
     louder = evaluate._same_scale(scale, other)
     assert louder.wavenumber == scale.wavenumber
     assert louder.sigma == pytest.approx(2.0 * scale.sigma, rel=1e-6)
+
+
+def test_a_perfect_model_test_needs_its_reference_period(evaluate: ModuleType) -> None:
+    """Without QDM the scale comes from the coarse-grained training winters, never from the test days:
+    a paired test given no reference period refuses to run instead of resolving on the days it scores."""
+    days = xr.DataArray(np.zeros((2, 4, 4)), dims=("time", "lat", "lon"))
+    with pytest.raises(ValueError, match="reference="):
+        evaluate.paired("perfect model", days, days, None, None, argparse.Namespace())
