@@ -18,7 +18,7 @@ structure; noise that passes through is spread that follows nothing in the data.
 
     python benchmarks/diagnose_dispersion.py            # under a minute on 2 cores
     python benchmarks/diagnose_dispersion.py --model runs/NAME/NAME.safetensors   # a candidate model
-    python benchmarks/diagnose_dispersion.py --test-winters   # all 271 test days: explains the report
+    python benchmarks/diagnose_dispersion.py --test-winters   # all 271 test days at the report's scale
 """
 
 from __future__ import annotations
@@ -30,7 +30,17 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import CM_NAME, DATA, LOG_OFFSET, TEST, _mm, _paired_inputs, spread_skill
+from evaluate_iberia import (
+    CM_NAME,
+    DATA,
+    HIST,
+    LOG_OFFSET,
+    TEST,
+    _mm,
+    _paired_inputs,
+    coarse_grained,
+    spread_skill,
+)
 
 import xdownscale
 from xdownscale import metrics
@@ -42,10 +52,12 @@ BINS = ((0.0, 1.0), (1.0, 5.0), (5.0, 15.0), (15.0, np.inf))  # ensemble mean, m
 
 def validation_case(
     doc: str, members: int, options: Callable[[argparse.ArgumentParser], None] | None = None
-) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray]:
+) -> tuple[argparse.Namespace, Any, xr.DataArray, xr.DataArray, Any]:
     """The command line of a diagnosis (``--members``, ``--days``, ``--model``, ``--test-winters`` and
     what ``options`` adds; ``doc`` its help) and its case: (arguments, the model, the validation winter's
-    or the test winters' true days, the same days averaged over 4 x 4 blocks)."""
+    or the test winters' true days, the same days averaged over 4 x 4 blocks, the ``"auto"`` scale: of
+    those coarse days on the validation winter, of the training winters on the test winters, as the
+    report's)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=members)
     parser.add_argument(
@@ -73,9 +85,15 @@ def validation_case(
     period = TEST if args.test_winters else VALIDATION
     if args.days is None:
         args.days = 0 if args.test_winters else 90
-    days = _mm(xr.open_dataset(path)["tp"].sel(time=period)).load()
-    truth, coarse = _paired_inputs(days, 4, args.days)
-    return args, cm, truth, coarse
+    eobs = _mm(xr.open_dataset(path)["tp"])
+    truth, coarse = _paired_inputs(eobs.sel(time=period).load(), 4, args.days)
+    # scale="auto" as each judge of the model resolves it: the training validation on the validation
+    # winter's own coarse input, the evaluation once on the training winters coarse-grained alike
+    source = coarse_grained(eobs.sel(time=HIST).load(), 4) if args.test_winters else coarse
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XDownscaleWarning)
+        scale = source.assign_attrs(units="mm/day").downscale.select_scale(model=cm)
+    return args, cm, truth, coarse, scale
 
 
 def period_name(args: argparse.Namespace) -> str:
@@ -83,12 +101,12 @@ def period_name(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    args, cm, truth, coarse = validation_case(__doc__, members=8)
+    args, cm, truth, coarse, scale = validation_case(__doc__, members=8)
     mask = cm.grid["mask"]
     truth = truth.where(mask)
     print(
         f"{args.model}, {period_name(args)}, 1 deg perfect model, {args.members} members, "
-        f"{truth.sizes['time']} days"
+        f"{truth.sizes['time']} days; scale {scale}"
     )
     print(
         "| preserve | ensemble mean, mm/day | cells | CRPS, mm/day | spread/skill (mm/day) | spread | "
@@ -99,7 +117,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", XDownscaleWarning)
             out = coarse.downscale.cm(
-                model=cm, members=args.members, seed=0, progress=False, preserve=preserve
+                model=cm, scale=scale, members=args.members, seed=0, progress=False, preserve=preserve
             )
         ens = _mm(out).load().where(mask)
         logs = (np.log(ens + LOG_OFFSET), np.log(truth + LOG_OFFSET))

@@ -2,7 +2,8 @@
 
 E-OBS days of the validation winter 1996/97 (inside the training period, never the test winters) are
 averaged over 4 x 4 blocks (1 deg) and downscaled back with 8 members at multiples of the noise level
-that ``scale="auto"`` picks for them (default preserve), and each level is scored against the true
+that ``scale="auto"`` picks for them (with ``--test-winters``: for the training winters, as the
+evaluation resolves it; default preserve), and each level is scored against the true
 fields as the evaluation's sweep scores the test winters (docs/evaluation.md; the same code): ensemble
 CRPS, RMSE of the ensemble mean, spread/skill in mm/day and in log space (log(x + 0.1 mm/day)), and the
 log-spectral distance and largest power ratio of the members' spectrum to the truth's. The first row is
@@ -50,9 +51,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    args, cm, truth, coarse = validation_case(__doc__, 8, _options)
+    args, cm, truth, coarse, scale = validation_case(__doc__, 8, _options)
     warnings.simplefilter("ignore", XDownscaleWarning)
-    scale = coarse.downscale.select_scale(model=cm)
     bilinear = _mm(coarse.downscale.prepare(model=cm, transform=False)).load()
     conserving = preserve_large_scales(
         bilinear, bilinear, rule="mean", coarse=coarse, wet_min=cm.transform.wet_min

@@ -178,7 +178,7 @@ def all_winters(cm: Any, members: int, days: int, winters: tuple[int, ...] = WIN
 
 
 def main() -> None:
-    args, cm, truth, coarse = validation_case(__doc__, 4, _options)
+    args, cm, truth, coarse, scale = validation_case(__doc__, 4, _options)
     if args.all_winters:
         all_winters(cm, args.members, args.days, TEST_WINTERS if args.test_winters else WINTERS)
         return
@@ -186,15 +186,16 @@ def main() -> None:
     mask = cm.grid["mask"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XDownscaleWarning)
-        shipped = coarse.downscale.cm(model=cm, members=args.members, seed=0, progress=False)
-    raw, bilinear = _members(coarse, cm, args.members)  # the members before the drizzle rule
+        shipped = coarse.downscale.cm(model=cm, scale=scale, members=args.members, seed=0, progress=False)
+    raw, bilinear = _members(coarse, cm, args.members, scale)  # the members before the drizzle rule
     fields = variants(raw, coarse, bilinear, cm)
     default = fields["default"]
     gap = float(np.nanmax(np.abs(default.values - _mm(shipped).transpose(*raw.dims).values)))
     fields = {"bilinear": bilinear.expand_dims(member=[0]), **fields}
     print(
         f"{args.model}, {winter}, 1 deg perfect model, {args.members} members, "
-        f"{truth.sizes['time']} days; default variant vs preserve=True: max |difference| {gap:.2g} mm/day"
+        f"{truth.sizes['time']} days, scale {scale}; default variant vs preserve=True: max |difference| "
+        f"{gap:.2g} mm/day"
     )
     for log in (True, False):
         space = f"log(x + {LOG_OFFSET} mm/day)" if log else "mm/day"

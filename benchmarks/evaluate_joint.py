@@ -55,10 +55,15 @@ def _physical(ds: xr.Dataset) -> xr.Dataset:
     return xr.Dataset({v: convert_units(ds[v], UNITS[v]) for v in ("pr", "tas")})
 
 
-def _truth() -> xr.Dataset:
+def _truth(period: slice = TEST) -> xr.Dataset:
     rr = xr.open_dataset(DATA / "eobs_0.5deg_rr_djf1983-2002.nc")["rr"].assign_attrs(units="mm/day")
     tg = xr.open_dataset(DATA / "eobs_0.5deg_tg_djf1983-2002.nc")["tg"]
-    return _physical(xr.Dataset({"pr": rr, "tas": tg}).sel(time=TEST)).load()
+    return _physical(xr.Dataset({"pr": rr, "tas": tg}).sel(time=period)).load()
+
+
+def _coarse(truth: xr.Dataset) -> xr.Dataset:
+    """A perfect-model input: ``truth`` averaged over 3 x 3 blocks (1.5 deg, sea ignored)."""
+    return xr.Dataset({v: coarse_grained(truth[v], 3).assign_attrs(units=UNITS[v]) for v in ("pr", "tas")})
 
 
 def _bilinear(coarse: xr.Dataset, joint: Any, **kwargs: Any) -> xr.Dataset:
@@ -88,12 +93,29 @@ def _conserving(bilinear: xr.Dataset, coarse: xr.Dataset, joint: Any) -> xr.Data
 
 
 def _methods(
-    coarse: xr.Dataset, joint: Any, members: int, qdm: dict[str, Any] | None = None
+    coarse: xr.Dataset,
+    joint: Any,
+    members: int,
+    qdm: dict[str, Any] | None = None,
+    reference: xr.Dataset | None = None,
 ) -> tuple[dict[str, xr.Dataset], dict[str, float], dict[str, str]]:
-    """Bilinear (+ QDM), the joint CM and the two one-variable CMs, in mm/day and degC, with timings."""
+    """Bilinear (+ QDM), the joint CM and the two one-variable CMs, in mm/day and degC, with timings.
+
+    ``scale="auto"`` is resolved once on the training winters, as a user's plan resolves it on the
+    reference period: with QDM on each variable's ``hist`` (inside the calls), otherwise on
+    ``reference`` (the training winters coarse-grained like ``coarse``)."""
     from xdownscale.models import resolve_model
 
+    if not qdm and reference is None:
+        raise ValueError("_methods without QDM needs reference= (the training winters, coarse-grained)")
     qdm = qdm or {}
+
+    def auto(v: str, model: Any) -> Any:
+        if qdm:
+            return "auto"
+        assert reference is not None
+        return reference[v].downscale.select_scale(model=model)
+
     label = "bilinear" + (" + QDM" if qdm else "")
     fields, seconds = {label: _bilinear(coarse, joint, **{v: qdm.get(v, {}) for v in ("pr", "tas")})}, {}
     n = coarse.sizes["time"] * members
@@ -101,8 +123,15 @@ def _methods(
         warnings.simplefilter("ignore", XDownscaleWarning)
         t0 = time.perf_counter()
         hist = {v: qdm[v]["hist"] for v in qdm}
+        scale = {v: auto(v, joint.for_variable(v)) for v in ("pr", "tas")}
         out = coarse.downscale.cm(
-            model=joint, members=members, seed=0, progress=False, qdm=bool(qdm), hist=hist or None
+            model=joint,
+            scale=scale,
+            members=members,
+            seed=0,
+            progress=False,
+            qdm=bool(qdm),
+            hist=hist or None,
         )
         seconds["joint CM"] = (time.perf_counter() - t0) / n
         fields["joint CM"] = _physical(out).load()
@@ -114,7 +143,12 @@ def _methods(
             # the 0.25 deg model's domain reaches half a cell beyond the 0.5 deg data: those cells are NaN
             with allow_partial_coverage():
                 one = coarse[v].downscale.cm(
-                    model=model, members=members, seed=1, progress=False, **qdm.get(v, {})
+                    model=model,
+                    scale=auto(v, model),
+                    members=members,
+                    seed=1,
+                    progress=False,
+                    **qdm.get(v, {}),
                 )
             if v == "pr":  # the 0.25 deg model: its output averaged onto the joint model's 0.5 deg grid
                 one = one.downscale.regrid(joint.grid, method="conservative")
@@ -134,8 +168,16 @@ def _coupling(field: xr.Dataset, base: xr.Dataset, mask: xr.DataArray) -> float:
     return float(np.corrcoef(parts[0][ok], parts[1][ok])[0, 1])
 
 
-def paired(label: str, coarse: xr.Dataset, truth: xr.Dataset, joint: Any, members: int, **qdm: Any) -> dict:
-    fields, seconds, scales = _methods(coarse, joint, members, qdm or None)
+def paired(
+    label: str,
+    coarse: xr.Dataset,
+    truth: xr.Dataset,
+    joint: Any,
+    members: int,
+    reference: xr.Dataset | None = None,
+    **qdm: Any,
+) -> dict:
+    fields, seconds, scales = _methods(coarse, joint, members, qdm or None, reference)
     mask = joint.grid["mask"]
     base_name = next(iter(fields))
     base = fields[base_name]
@@ -245,7 +287,12 @@ def write(results: list[dict], climate: dict, figure: str, joint: Any, args: arg
         "",
     ]
     for result in results:
-        lines += [f"### {result['label']}", "", f'Scales chosen by `"auto"`: {result["scales"]}.', ""]
+        lines += [
+            f"### {result['label']}",
+            "",
+            f'Scales chosen by `"auto"` on the training winters (the reference period): {result["scales"]}.',
+            "",
+        ]
         lines += [_table(result["rows"], paired_keys), ""]
     lines += [
         "## Climate model (unpaired): CNRM-CM5",
@@ -255,7 +302,7 @@ def write(results: list[dict], climate: dict, figure: str, joint: Any, args: arg
         "per-cell correlation between daily precipitation and temperature over the test days, averaged "
         "over land; *corr_map_error* the mean absolute difference of that map from E-OBS's.",
         "",
-        f'Scales chosen by `"auto"`: {climate["scales"]}.',
+        f'Scales chosen by `"auto"` on the training winters (the reference period): {climate["scales"]}.',
         "",
         _table(
             climate["rows"],
@@ -393,13 +440,10 @@ def main() -> None:
     joint = resolve_model(args.model)
     truth_all = _truth()
     truth = truth_all.isel(time=_days(truth_all.sizes["time"], args.days))
-    coarse = xr.Dataset(
-        {
-            "pr": coarse_grained(truth["pr"], 3).assign_attrs(units="mm/day"),
-            "tas": coarse_grained(truth["tas"], 3).assign_attrs(units="degC"),
-        }
-    )
-    results = [paired("E-OBS coarse-grained 3x (1.5 deg)", coarse, truth, joint, args.members)]
+    reference = _coarse(_truth(HIST))  # the training winters: where the perfect model resolves "auto"
+    results = [
+        paired("E-OBS coarse-grained 3x (1.5 deg)", _coarse(truth), truth, joint, args.members, reference)
+    ]
     ncep = xr.Dataset(
         {
             v: xr.open_dataset(DATA / f"ncep_r1_{v}_djf1983-2002.nc")[v].clip(min=0.0 if v == "pr" else None)
