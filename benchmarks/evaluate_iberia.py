@@ -587,6 +587,12 @@ def _paired_sweep_reading(sweep: list[dict], bar: dict) -> str:
             else f"; here the spectrum is also closest to the truth's below the auto scale (at "
             f"{real['factor']:g} x), so the auto pick is too large for this network and input. "
         )
+    if real["factor"] > auto["factor"]:
+        text += (
+            f"Here the spectrum is closest to the truth's with more noise than the auto pick (at "
+            f"{real['factor']:g} x): for this input the pick, resolved on the training winters, is too small "
+            "for a realistic spectrum. "
+        )
     calibrated_log = [r for r in sweep if 0.8 <= r["spread_skill_log"] <= 1.2]
 
     def where(rows: list[dict]) -> str:

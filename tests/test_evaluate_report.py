@@ -190,3 +190,26 @@ def test_a_perfect_model_test_needs_its_reference_period(evaluate: ModuleType) -
     days = xr.DataArray(np.zeros((2, 4, 4)), dims=("time", "lat", "lon"))
     with pytest.raises(ValueError, match="reference="):
         evaluate.paired("perfect model", days, days, None, None, argparse.Namespace())
+
+
+def test_the_sweep_reading_says_when_the_auto_pick_is_too_small_for_the_spectrum(
+    evaluate: ModuleType,
+) -> None:
+    def level(factor: float, crps: float, lsd: float) -> dict:
+        return {
+            "factor": factor,
+            "sigma": 0.4 * factor,
+            "crps": crps,
+            "log_spectral_distance": lsd,
+            "spread_skill": 0.9,
+            "spread_skill_log": 0.7,
+        }
+
+    bar = {"method": "bilinear, preserve='mean'", "crps": 0.30}
+    sweep = [level(0.5, 0.22, 0.58), level(1.0, 0.21, 0.32), level(2.0, 0.214, 0.115)]
+    text = evaluate._paired_sweep_reading(sweep, bar)
+    assert "closest to the truth's with more noise than the auto pick (at 2 x)" in text
+    assert "too large" not in text
+    # the spectrum nearest at the auto pick: no such remark
+    sweep[2]["log_spectral_distance"] = 0.4
+    assert "more noise than the auto pick" not in evaluate._paired_sweep_reading(sweep, bar)
