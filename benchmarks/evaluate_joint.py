@@ -431,7 +431,10 @@ def main() -> None:
 
         stored = json.loads((FIGURES / "summary.json").read_text())
         args.members = stored.get("members", args.members)
-        write(stored["paired"], stored["climate"], MAP_FIGURE, resolve_model(args.model), args)
+        joint = resolve_model(args.model)
+        write(stored["paired"], stored["climate"], MAP_FIGURE, joint, args)
+        if args.write_card_metrics:
+            store_card_metrics(joint, stored["paired"])
         return
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found: the shared data must sit beside the repository.")
@@ -464,16 +467,21 @@ def main() -> None:
     figure = map_figure(climate["maps"])
     write(results, climate, figure, joint, args)
     if args.write_card_metrics:
-        write_card_metrics(
-            joint,
-            {
-                "evaluation": "docs/evaluation-joint.md (python benchmarks/evaluate_joint.py)",
-                "test_period": "DJF 1997/98-2001/02",
-                "truth": "E-OBS v14 rr and tg, 0.5 deg",
-                **rows_of(results),
-            },
-        )
+        store_card_metrics(joint, results)
     print((DOCS / "evaluation-joint.md").read_text())
+
+
+def store_card_metrics(joint: Any, results: list[dict]) -> None:
+    """The paired scores into the joint model's card (the JSON beside its weights)."""
+    write_card_metrics(
+        Path(joint.path).with_suffix(".json"),
+        {
+            "evaluation": "docs/evaluation-joint.md (python benchmarks/evaluate_joint.py)",
+            "test_period": "DJF 1997/98-2001/02",
+            "truth": "E-OBS v14 rr and tg, 0.5 deg",
+            **rows_of(results),
+        },
+    )
 
 
 if __name__ == "__main__":
