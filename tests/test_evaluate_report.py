@@ -213,3 +213,24 @@ def test_the_sweep_reading_says_when_the_auto_pick_is_too_small_for_the_spectrum
     # the spectrum nearest at the auto pick: no such remark
     sweep[2]["log_spectral_distance"] = 0.4
     assert "more noise than the auto pick" not in evaluate._paired_sweep_reading(sweep, bar)
+
+
+def test_the_joint_reports_scores_go_into_the_card_beside_the_weights(
+    evaluate: ModuleType, tmp_path: Path
+) -> None:
+    """``evaluate_joint.py --write-card-metrics`` writes the JSON card next to the model's weights file
+    (it was once handed the model object and failed), keeps the card's other fields and drops NaNs."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("evaluate_joint", BENCHMARKS / "evaluate_joint.py")
+    assert spec is not None and spec.loader is not None
+    joint_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(joint_report)  # the benchmarks folder is on the path while `evaluate` is
+    (tmp_path / "joint.json").write_text(json.dumps({"name": "joint", "metrics": {"old": 1}}))
+    model = types.SimpleNamespace(path=tmp_path / "joint.safetensors")
+    rows = [{"method": "joint CM", "crps_pr": 0.24516, "coupling": float("nan")}]
+    joint_report.store_card_metrics(model, [{"label": "perfect model", "rows": rows}])
+    card = json.loads((tmp_path / "joint.json").read_text())
+    assert card["name"] == "joint"
+    assert card["metrics"]["paired: perfect model"] == {"joint CM": {"crps_pr": 0.2452}}
+    assert "old" not in card["metrics"]
