@@ -145,7 +145,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in by_scale:
         print("| " + " | ".join(f"{v:.0f}" if i == 0 else f"{v:.2f}" for i, v in enumerate(row)) + " |")
-    corr, share, sigma = noise_passing_through(cm, truth, args.members)
+    corr, share, sigma = noise_passing_through(cm, truth, args.members, float(scale.sigma))
     print(
         f"Network alone (sigma {sigma:.3f}, transformed space): members' departures correlate {corr:.2f} "
         f"with their noise's; the noise passing through explains {share:.0%} of their variance."
@@ -170,27 +170,31 @@ def spectral_spread_skill(ens: xr.DataArray, truth: xr.DataArray) -> list[tuple[
     return [tuple(float(c[i]) for c in (wavelength, *columns)) for i in np.flatnonzero(ok)]
 
 
-def noise_passing_through(cm: Any, days: xr.DataArray, members: int) -> tuple[float, float, float]:
+def noise_passing_through(
+    cm: Any, days: xr.DataArray, members: int, sigma: float | None = None
+) -> tuple[float, float, float]:
     """(correlation of member departures with noise departures, explained share, sigma) of the network
-    on the perfect-model validation inputs of ``days``."""
+    on the perfect-model validation inputs of ``days``, at noise level ``sigma`` (default: the one the
+    training validation resolves on ``days``)."""
     import torch
 
     from xdownscale.models.validation import PerfectModelValidation
 
     check = PerfectModelValidation(days, cm.transform, cm.target_psd, cm.mask, max_fields=days.sizes["time"])
+    sigma = check.sigma if sigma is None else sigma
     x = torch.from_numpy(check.inputs[:, None])
     gen = torch.Generator().manual_seed(0)
     outs, noises = [], []
     with torch.no_grad():
         for _ in range(members):
             z = torch.randn(x.shape, generator=gen)
-            outs.append(cm.network(x + check.sigma * z, check.sigma).numpy())
+            outs.append(cm.network(x + sigma * z, sigma).numpy())
             noises.append(z.numpy())
     out, noise = np.stack(outs), np.stack(noises)
     d_out = (out - out.mean(axis=0))[..., cm.mask].ravel()
     d_noise = (noise - noise.mean(axis=0))[..., cm.mask].ravel()
     corr = float(np.corrcoef(d_out, d_noise)[0, 1])
-    return corr, corr**2, check.sigma
+    return corr, corr**2, sigma
 
 
 if __name__ == "__main__":
