@@ -789,7 +789,7 @@ def main() -> None:
         write_report(paired_sections, sections, args)
         if args.write_card_metrics:
             for name in (CM_NAME, SDE_NAME):
-                write_card_metrics(ROOT / "weights" / f"{name}.json", card_metrics)
+                write_card_metrics(ROOT / "weights" / f"{name}.safetensors", card_metrics)
         return
     if args.quick:
         args.members, args.sde_days, args.sde_steps, args.sweep_days, args.paired_days = 2, 10, 20, 10, 10
@@ -856,11 +856,13 @@ def main() -> None:
     write_report(paired_sections, sections, args)
     if args.write_card_metrics:
         for model in (cm, sde):
-            write_card_metrics(Path(model.path).with_suffix(".json"), card_metrics)
+            write_card_metrics(Path(model.path), card_metrics)
 
 
-def write_card_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Store ``metrics`` in the JSON model card at ``path``; the weights are not touched."""
+def write_card_metrics(weights: Path, metrics: dict[str, Any]) -> None:
+    """Store ``metrics`` in the JSON model card beside the weights file ``weights``; the weights are not
+    touched."""
+    path = weights.with_suffix(".json")
     card = json.loads(path.read_text())
     card["metrics"] = metrics
     path.write_text(json.dumps(card, indent=1))

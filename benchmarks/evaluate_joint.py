@@ -474,7 +474,7 @@ def main() -> None:
 def store_card_metrics(joint: Any, results: list[dict]) -> None:
     """The paired scores into the joint model's card (the JSON beside its weights)."""
     write_card_metrics(
-        Path(joint.path).with_suffix(".json"),
+        Path(joint.path),
         {
             "evaluation": "docs/evaluation-joint.md (python benchmarks/evaluate_joint.py)",
             "test_period": "DJF 1997/98-2001/02",
