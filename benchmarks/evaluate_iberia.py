@@ -459,9 +459,7 @@ def paired(
     ``scale="auto"`` is resolved once on the training winters, as a user's plan resolves it on the
     reference period: with QDM on ``hist`` (after QDM), otherwise on ``reference`` (the training winters
     coarse-grained like ``coarse``)."""
-    source = coarse if qdm else reference
-    if source is None:
-        raise ValueError("paired() without QDM needs reference= (the training winters, coarse-grained)")
+    source = scale_source(coarse, reference, qdm)
     kwargs: dict[str, Any] = {"qdm": qdm, "hist": hist} if qdm else {}
     fields: dict[str, xr.DataArray] = {}
     seconds: dict[str, float] = {}
@@ -521,6 +519,17 @@ def paired(
     fields.pop(CONSERVING, None)  # a bar in the table; its spectrum is the bilinear field's, rescaled
     figs = _paired_figures(label, fields, truth, cm, scale)
     return rows, scale, fields, figs
+
+
+def scale_source(coarse: Any, reference: Any, qdm: bool) -> Any:
+    """What a test resolves ``scale="auto"`` on, never the days it scores: with QDM the input itself
+    (whose ``select_scale(..., hist=)`` resolves on the QDM's training winters), otherwise ``reference``
+    (the training winters coarse-grained like ``coarse``), which must then be given."""
+    if qdm:
+        return coarse
+    if reference is None:
+        raise ValueError("a test without QDM needs reference= (the training winters, coarse-grained)")
+    return reference
 
 
 def paired_sweep(

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from evaluate_iberia import CONSERVING, DATA, DOCS, coarse_grained, write_card_metrics
+from evaluate_iberia import CONSERVING, DATA, DOCS, coarse_grained, scale_source, write_card_metrics
 from evaluate_tas import _days, _table
 
 from xdownscale import metrics
@@ -106,15 +106,11 @@ def _methods(
     ``reference`` (the training winters coarse-grained like ``coarse``)."""
     from xdownscale.models import resolve_model
 
-    if not qdm and reference is None:
-        raise ValueError("_methods without QDM needs reference= (the training winters, coarse-grained)")
+    source = scale_source(coarse, reference, bool(qdm))
     qdm = qdm or {}
 
-    def auto(v: str, model: Any) -> Any:
-        if qdm:
-            return "auto"
-        assert reference is not None
-        return reference[v].downscale.select_scale(model=model)
+    def auto(v: str, model: Any) -> Any:  # with QDM each call resolves on its own hist=
+        return "auto" if qdm else source[v].downscale.select_scale(model=model)
 
     label = "bilinear" + (" + QDM" if qdm else "")
     fields, seconds = {label: _bilinear(coarse, joint, **{v: qdm.get(v, {}) for v in ("pr", "tas")})}, {}

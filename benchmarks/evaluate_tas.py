@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 
 # the precipitation report's paths and its perfect-model coarse-graining (run as a script: same folder)
-from evaluate_iberia import DATA, DOCS, coarse_grained
+from evaluate_iberia import DATA, DOCS, coarse_grained, scale_source
 
 import xdownscale
 from xdownscale import metrics
@@ -106,9 +106,7 @@ def _methods(
     steps), the SDE bridge on evenly spread days, in degC, with timings. ``scale="auto"`` is resolved
     once on the training winters, as a user's plan resolves it on the reference period: with QDM on
     ``hist``, otherwise on ``reference`` (the training winters coarse-grained like ``coarse``)."""
-    source = coarse if kwargs.get("qdm") else reference
-    if source is None:
-        raise ValueError("_methods without QDM needs reference= (the training winters, coarse-grained)")
+    source = scale_source(coarse, reference, bool(kwargs.get("qdm")))
     fields: dict[str, xr.DataArray] = {}
     seconds: dict[str, float] = {}
     label = "bilinear" + (" + QDM" if kwargs.get("qdm") else "")
